@@ -1,0 +1,229 @@
+"""Typed schema of every llmx config.
+
+Each config group (`conf/<group>/*.yaml`) is validated against one dataclass here, registered in
+Hydra's ConfigStore by `register()`. Because the root schema is a structured config in struct mode,
+an unknown key, a wrong type or a bad enum value fails at compose time, naming the full key, before
+any model is built. Later issues extend a group by subclassing its dataclass (for example an
+optimizer with extra fields) and registering the subclass as that option's schema.
+
+This module imports only the standard library, omegaconf and hydra: `llmx list` and `llmx validate`
+must stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class RecipeKind(str, Enum):
+    pretrain = "pretrain"
+    sparsify = "sparsify"
+    merge = "merge"
+    rl = "rl"
+    generate_bench = "generate_bench"
+
+
+class ModelSource(str, Enum):
+    preset = "preset"  # a transformers config built from the fields below, trained from scratch
+    hf = "hf"  # a Hugging Face directory (or hub id, where the network allows)
+    gguf = "gguf"  # a GGUF file, optionally located inside an installed Python package
+
+
+class InitDevice(str, Enum):
+    auto = "auto"  # meta when the model is larger than trainer.meta_init_threshold parameters
+    cpu = "cpu"
+    meta = "meta"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = ModelSource.preset
+    arch: str = "llama"  # transformers model_type used to build a preset
+    # Preset shape (transformers LlamaConfig names). vocab_size null: taken from the tokenizer.
+    vocab_size: Optional[int] = None
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None
+    max_position_embeddings: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Pretrained weights: a directory or file path, a hub id, or a file inside a Python package.
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    package: Optional[str] = None
+    dtype: str = "float32"  # dtype the weights are held in for training (bf16 autocast is separate)
+    attn_implementation: str = "sdpa"
+    init_device: InitDevice = InitDevice.auto
+
+
+class DataSource(str, Enum):
+    pydoc = "pydoc"  # embedded offline corpus: Python's documentation topics (PSF license)
+    files = "files"  # local .txt / .jsonl / .json / .parquet files or globs
+    hub = "hub"  # a Hugging Face dataset name (needs the network), streaming or not
+    synthetic = "synthetic"  # a generator registered in llmx.data.synthetic
+
+
+class TokenizerSource(str, Enum):
+    trained = "trained"  # byte-level BPE trained on the training text, cached by content
+    pretrained = "pretrained"  # tokenizer.path: a HF directory or hub id
+    model = "model"  # the tokenizer that ships with the pretrained model
+
+
+@dataclass
+class TokenizerConfig:
+    source: TokenizerSource = TokenizerSource.trained
+    path: Optional[str] = None
+    vocab_size: int = 4096  # for source=trained
+    train_chars: int = 5_000_000  # cap on the text used to train a BPE tokenizer
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: DataSource = DataSource.pydoc
+    paths: List[str] = field(default_factory=list)
+    val_paths: List[str] = field(default_factory=list)  # empty: hold out val_fraction of documents
+    text_field: str = "text"
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    hub_val_split: Optional[str] = "validation"
+    streaming: bool = False
+    generator: Optional[str] = None  # source=synthetic: registered generator name
+    generator_args: Dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    val_max_sequences: int = 256  # evaluation uses at most this many held-out sequences
+    shuffle: bool = True
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: Optional[str] = None  # null: $LLMX_CACHE or ~/.cache/llmx
+    num_proc: int = 1
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Step each parameter inside backward (post-accumulate-grad hooks) and free its gradient at once.
+    in_backward: bool = False
+    grad_clip: Optional[float] = 1.0  # global grad-norm clipping; null disables
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine and linear
+    # Parameters matching these name patterns (fnmatch) get weight_decay 0.
+    no_decay: List[str] = field(default_factory=lambda: ["*bias", "*norm*", "*embed*"])
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    batch_size: int = 16  # global sequences per optimizer step
+    micro_batch_size: int = 16  # sequences per forward pass on one rank
+    eval_every: int = 50
+    eval_batches: int = 8  # micro-batches of held-out data per evaluation
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end of the run
+    keep_last: int = 2  # completed checkpoints kept in the run directory
+    save_final: bool = True
+    export_hf: bool = True  # write a transformers-loadable copy to <run_dir>/hf at the end
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: Precision = Precision.auto
+    compile: bool = False
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True  # FSDP2: free gathered parameters after each block's forward
+    meta_init_threshold: int = 1_000_000_000  # parameters above which init_device=auto uses meta
+    detect_nan: bool = True
+    max_seconds: Optional[float] = None  # stop (with a checkpoint) after this much training time
+
+
+class LoggerBackend(str, Enum):
+    none = "none"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.none
+    progress: bool = True  # rich progress bar (rank 0, interactive or not)
+    project: str = "llmx"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # wandb mode; null: WANDB_MODE from the environment, else online
+
+
+class LauncherName(str, Enum):
+    local = "local"
+    torchrun = "torchrun"
+    slurm = "slurm"
+
+
+@dataclass
+class LauncherConfig:
+    name: LauncherName = LauncherName.local
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: Optional[str] = None  # multi-node torchrun: host:port of node 0
+    # Slurm (hydra-submitit-launcher); copied into hydra.launcher by conf/launcher/slurm.yaml.
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    timeout_min: int = 60
+    constraint: Optional[str] = None
+
+
+@dataclass
+class LlmxConfig:
+    # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
+    name: str = MISSING
+    kind: RecipeKind = RecipeKind.pretrain
+    paper: str = ""
+    description: str = ""
+    fits_cpu: bool = True
+    seed: int = 0
+    # null: start fresh; auto: newest complete checkpoint of this recipe if any (says so if none);
+    # latest: like auto but an error when none exists; else a checkpoint or run directory path.
+    resume: Optional[str] = None
+    output_root: str = "outputs"
+    run_dir: Optional[str] = None  # set at launch to the job's output directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def register() -> None:
+    """Store the root schema in Hydra's ConfigStore; conf/config.yaml extends it (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="llmx_schema", node=LlmxConfig)
