@@ -144,7 +144,7 @@ class TrainerConfig:
     batch_size: int = 16  # global sequences per optimizer step
     micro_batch_size: int = 16  # sequences per forward pass on one rank
     eval_every: int = 50
-    eval_batches: int = 8  # micro-batches of held-out data per evaluation
+    eval_batches: int = 8  # micro-batches of held-out data per evaluation, over all ranks together
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end of the run
     keep_last: int = 2  # completed checkpoints kept in the run directory

@@ -1,0 +1,202 @@
+"""The `llmx` command line.
+
+    llmx run [OVERRIDES...]             compose conf/ with Hydra overrides and run the recipe
+    llmx run -m recipe=a,b optim.lr=1e-3,3e-3   a sweep: one run directory per job
+    llmx list                           every recipe: kind, paper, description, fits a CPU
+    llmx show recipe=X [OVERRIDES...]   the resolved config
+    llmx validate                       compose and type-check every config in conf/
+    llmx report RUN_DIR...              final metrics of runs or sweeps, as a table and plots
+
+Only typer is imported at start-up; Hydra, torch and transformers load inside the commands, so
+`llmx --help` and `llmx list` answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="llmx: reproduce LLM-efficiency papers with one CLI, from a laptop to a GPU cluster.",
+    pretty_exceptions_enable=False,
+)
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"llmx: error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _compose_or_exit(overrides: List[str]):
+    from llmx.config.compose import ConfigError, compose
+
+    try:
+        return compose(overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _has_override(overrides: List[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
+def _pin_resume_dir(overrides: List[str]) -> List[str]:
+    """resume=auto|latest on a single run: continue inside the run directory that holds the newest
+    complete checkpoint of this recipe (metrics.jsonl continues there), unless hydra.run.dir is given."""
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "resume"), None)
+    if value not in ("auto", "latest") or _has_override(overrides, "hydra.run.dir"):
+        return overrides
+    from llmx.trainer.checkpoint import find_newest
+    from llmx.utils import LlmxError
+
+    cfg = _compose_or_exit(overrides)
+    root = Path(cfg.output_root) / cfg.name
+    try:
+        found = find_newest(sorted(p for p in root.glob("*") if p.is_dir())) if root.is_dir() else None
+    except LlmxError as e:
+        _fail(str(e))
+    if found is None:
+        return overrides
+    return overrides + [f"hydra.run.dir={found.parent.parent}"]
+
+
+@app.command(context_settings=EXTRA)
+def run(
+    ctx: typer.Context,
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: a,b lists, range(), glob(*) in overrides."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the composed config (job|hydra|all) and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the jobs without running them."),
+):
+    """Run a recipe: `llmx run recipe=pretrain_tiny optim.lr=3e-3`. Overrides use Hydra syntax."""
+    overrides = list(ctx.args)
+    from llmx.config.compose import ConfigError, compose, expand_sweep
+
+    # Validate every job's config before any work starts, with llmx's own error messages.
+    try:
+        jobs = expand_sweep(overrides) if multirun else [overrides]
+        for job in jobs:
+            compose(job)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    if dry_run:
+        for i, job in enumerate(jobs):
+            typer.echo(f"job {i}: {' '.join(job) or '(defaults)'}")
+        return
+    if not multirun and cfg is None:
+        overrides = _pin_resume_dir(overrides)
+    code = _run_hydra(overrides, multirun=multirun, cfg=cfg)
+    raise typer.Exit(code)
+
+
+def _run_hydra(overrides: List[str], *, multirun: bool, cfg: Optional[str]) -> int:
+    import hydra
+
+    from llmx import launch
+    from llmx.config.compose import conf_dir
+    from llmx.config.schema import register
+
+    register()
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def task(job_cfg) -> str:
+        from hydra.core.hydra_config import HydraConfig
+
+        return launch.run_job(job_cfg, Path(HydraConfig.get().runtime.output_dir)).status
+
+    argv = ["llmx run"] + (["--multirun"] if multirun else []) + (["--cfg", cfg] if cfg else []) + overrides
+    saved, sys.argv = sys.argv, argv
+    launch.RESULTS.clear()
+    try:
+        task()
+    finally:
+        sys.argv = saved
+    if cfg is not None:
+        return 0
+    results = list(launch.RESULTS)
+    if multirun:
+        failed = [r for r in results if r.status != "ok"]
+        typer.echo(f"llmx: sweep finished: {len(results) - len(failed)} ok, {len(failed)} not ok")
+        for r in results:
+            line = f"  [{r.status}] {r.run_dir}" + (f": {r.message}" if r.message else "")
+            typer.echo(line, err=r.status != "ok")
+        return 1 if failed else 0
+    return results[-1].exit_code if results else 1
+
+
+@app.command("list")
+def list_cmd():
+    """Every recipe config with its kind, paper, description and whether it fits a CPU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmx.config.compose import list_recipes
+
+    table = Table(title="llmx recipes (llmx run recipe=<name>)")
+    for col in ("recipe", "kind", "paper", "description", "CPU"):
+        table.add_column(col)
+    for r in list_recipes():
+        table.add_row(r["name"], str(r["kind"]), r.get("paper") or "-", r.get("description") or "", "yes" if r.get("fits_cpu") else "no")
+    Console().print(table)
+
+
+@app.command(context_settings=EXTRA)
+def show(ctx: typer.Context):
+    """Print the resolved config: `llmx show recipe=pretrain_llama60m optim.lr=1e-3`."""
+    from omegaconf import OmegaConf
+
+    cfg = _compose_or_exit(list(ctx.args))
+    typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+
+
+@app.command()
+def validate():
+    """Compose and type-check every config in conf/; non-zero exit naming each bad one."""
+    from llmx.config.compose import validate_all
+
+    problems = validate_all()
+    for what, err in problems:
+        typer.secho(f"FAIL {what}: {err}", fg=typer.colors.RED, err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("all configs compose and type-check")
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write report.md/json and plots."),
+):
+    """Final metrics of one run or a whole sweep as a table, plus the plots."""
+    from rich.console import Console
+
+    from llmx.report import collect_runs, report_table, write_report
+    from llmx.utils import LlmxError
+
+    for d in run_dirs:
+        if not d.exists():
+            _fail(f"{d}: no such directory")
+    try:
+        runs = collect_runs(run_dirs)
+    except LlmxError as e:
+        _fail(str(e))
+    if not runs:
+        _fail(f"no llmx runs (directories with metrics.jsonl) under {' '.join(map(str, run_dirs))}")
+    Console().print(report_table(runs))
+    target = out or (run_dirs[0] if len(run_dirs) == 1 else Path("."))
+    for path in write_report(runs, target):
+        typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

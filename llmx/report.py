@@ -1,0 +1,336 @@
+"""`llmx report`: gather finished, failed and running runs into one table, JSON and plot.
+
+A run directory is recognised by the files the trainer leaves in it (metrics.jsonl, final.json,
+error.txt, .hydra/overrides.yaml), so the report works on a single run, a multirun sweep or a whole
+outputs/ tree, and reads only files: it can be pointed at a sweep that is still going.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+
+from llmx.logging.metrics import FINAL_FILE, METRICS_FILE, read_metrics
+from llmx.utils import LlmxError, atomic_write_json, atomic_write_text
+
+ERROR_FILE = "error.txt"
+_MARKERS = (METRICS_FILE, FINAL_FILE, ERROR_FILE, os.path.join(".hydra", "overrides.yaml"))
+
+# (header, accepted keys): the headline columns, shown when any run has one of the keys.
+HEADLINE_COLUMNS = (
+    ("final train loss", ("loss", "train_loss", "train/loss")),
+    ("val loss", ("val_loss", "val/loss", "eval_loss")),
+    ("val ppl", ("val_ppl", "val/ppl", "ppl")),
+    ("tokens/s", ("tokens_per_s", "train/tokens_per_s", "tok_per_s")),
+)
+_NOT_METRICS = {"step", "time"}
+
+
+def _natural_key(path: Path):
+    # Sweep job dirs are 0, 1, ..., 10: sort them as numbers.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / m).is_file() for m in _MARKERS)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """`root` itself if it is a run directory, else every run directory below it. The search does
+    not descend into a run directory (its tb/, wandb/, hf/ and checkpoints are not runs)."""
+    if _is_run_dir(root):
+        return [root]
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if here != root and _is_run_dir(here):
+            found.append(here)
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found, key=_natural_key)
+
+
+def _read_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return []
+    return [str(x) for x in data] if isinstance(data, list) else []
+
+
+def _last_values(records: Iterable[dict]) -> dict:
+    # Train and eval metrics are logged on separate lines; the latest value of each key describes
+    # where an unfinished run got to.
+    out: dict = {}
+    for rec in records:
+        for key, value in rec.items():
+            if key != "time":
+                out[key] = value
+    if out:
+        out["step"] = max((r["step"] for r in records if isinstance(r.get("step"), (int, float))), default=None)
+    return out
+
+
+def _status(run_dir: Path) -> str:
+    final, error = run_dir / FINAL_FILE, run_dir / ERROR_FILE
+    # A run that failed and was then resumed to completion keeps its old error.txt; the newer file
+    # tells which happened last.
+    if final.is_file() and (not error.is_file() or final.stat().st_mtime >= error.stat().st_mtime):
+        return "ok"
+    if error.is_file():
+        return "failed"
+    return "incomplete"
+
+
+def _first_line(path: Path, limit: int = 200) -> Optional[str]:
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.strip():
+                return line.strip()[:limit]
+    except OSError:
+        pass
+    return None
+
+
+def collect_run(run_dir: Path, label: Optional[str] = None) -> dict:
+    records = read_metrics(run_dir)
+    final: dict = {}
+    final_path = run_dir / FINAL_FILE
+    if final_path.is_file():
+        try:
+            loaded = json.loads(final_path.read_text())
+            final = loaded if isinstance(loaded, dict) else {}
+        except json.JSONDecodeError:
+            final = {}
+    if not final:
+        final = _last_values(records)
+    step = final.get("step")
+    if not isinstance(step, (int, float)) and records:
+        step = _last_values(records).get("step")
+    status = _status(run_dir)
+    return {
+        "run": label or run_dir.name,
+        "dir": str(run_dir),
+        "overrides": _read_overrides(run_dir),
+        "status": status,
+        "step": step,
+        "final": {k: v for k, v in final.items() if k not in _NOT_METRICS},
+        "error": _first_line(run_dir / ERROR_FILE) if status == "failed" else None,
+        "has_metrics": bool(records),
+    }
+
+
+def collect_runs(paths: Sequence[os.PathLike | str]) -> list[dict]:
+    """One dict per run found under `paths` (run directories or sweep/output trees); [] when there
+    are none, so the caller words that. A path that does not exist is an LlmxError."""
+    runs = []
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise LlmxError(f"no such directory: {root}")
+        dirs = find_run_dirs(root)
+        base = root.parent
+        for d in dirs:
+            # Relative to the given path's parent: "<run>" for a run, "<sweep>/<job>" for a sweep.
+            runs.append(collect_run(d, label=str(d.relative_to(base))))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _lookup(final: dict, keys: Sequence[str]):
+    for k in keys:
+        if _is_number(final.get(k)):
+            return final[k]
+    return None
+
+
+class Column(NamedTuple):
+    header: str
+    get: Callable[[dict], Any]
+    headline: bool
+
+
+def metric_columns(runs: Sequence[dict]) -> list[Column]:
+    """The headline metrics any run has, then every other numeric key that all runs share (so a
+    recipe's own metrics show up without code here)."""
+    cols: list[Column] = []
+    covered: set[str] = set()
+    for header, keys in HEADLINE_COLUMNS:
+        covered.update(keys)
+        if any(_lookup(r["final"], keys) is not None for r in runs):
+            cols.append(Column(header, lambda r, keys=keys: _lookup(r["final"], keys), True))
+    numeric = [{k for k, v in r["final"].items() if _is_number(v)} for r in runs]
+    common = set.intersection(*numeric) if numeric else set()
+    for key in sorted(common - covered - _NOT_METRICS):
+        cols.append(Column(key, lambda r, key=key: r["final"].get(key), False))
+    return cols
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:#.4g}"
+    return str(value)
+
+
+def _split_overrides(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    # In a sweep every job repeats the fixed overrides; the table shows what differs per run and
+    # names the shared ones once.
+    if len(runs) < 2:
+        return [], [r["overrides"] for r in runs]
+    common = [o for o in runs[0]["overrides"] if all(o in r["overrides"] for r in runs[1:])]
+    return common, [[o for o in r["overrides"] if o not in common] for r in runs]
+
+
+def _display_labels(runs: Sequence[dict]) -> tuple[str, list[str]]:
+    """(common leading path, labels without it): a sweep's jobs read as 0, 1, 2 under its dir."""
+    parts = [Path(r["run"]).parts for r in runs]
+    if not parts:
+        return "", []
+    k = 0
+    while all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
+        k += 1
+    return "/".join(parts[0][:k]), ["/".join(p[k:]) for p in parts]
+
+
+class TableData(NamedTuple):
+    headers: list[str]
+    rows: list[list[str]]
+    common_overrides: list[str]
+    prefix: str  # leading directory shared by every run label
+    constants: list[tuple[str, str]]  # (metric, value) equal in every run, when left out of rows
+
+
+def table_data(runs: Sequence[dict], all_columns: bool = True) -> TableData:
+    """The report table as strings. all_columns False keeps a terminal table narrow: generic
+    metrics that are the same in every run (parameters, world size, ...) move to `constants`."""
+    cols = metric_columns(runs)
+    constants: list[tuple[str, str]] = []
+    if not all_columns:
+        shown = []
+        for col in cols:
+            values = {_fmt(col.get(r)) for r in runs}
+            if col.headline or len(values) > 1:
+                shown.append(col)
+            else:
+                constants.append((col.header, values.pop()))
+        cols = shown
+    common, per_run = _split_overrides(runs)
+    prefix, labels = _display_labels(runs)
+    # Overrides last: long ones wrap at the right edge instead of pushing the metrics off a narrow
+    # terminal.
+    headers = ["run", "status", "step"] + [c.header for c in cols] + ["overrides"]
+    rows = [
+        [label, run["status"], _fmt(run["step"])] + [_fmt(c.get(run)) for c in cols] + [" ".join(ovs) or "-"]
+        for run, ovs, label in zip(runs, per_run, labels)
+    ]
+    return TableData(headers, rows, common, prefix, constants)
+
+
+_STATUS_STYLE = {"ok": "green", "failed": "red", "incomplete": "yellow"}
+
+
+def report_table(runs: Sequence[dict], all_columns: bool = False):
+    """A rich Table of the runs (see table_data for all_columns)."""
+    from rich.table import Table
+
+    data = table_data(runs, all_columns=all_columns)
+    notes = []
+    if len(runs) == 1 and data.rows:
+        # One run: its overrides read better as a line under the table than as a narrow column.
+        notes.append(f"overrides: {data.rows[0][-1]}")
+        data = data._replace(headers=data.headers[:-1], rows=[data.rows[0][:-1]])
+    if data.common_overrides:
+        notes.append(f"common overrides: {' '.join(data.common_overrides)}")
+    if data.constants:
+        label = "same in every run" if len(runs) > 1 else "also"
+        notes.append(f"{label}: " + ", ".join(f"{k}={v}" for k, v in data.constants))
+    title = f"{len(runs)} run{'s' if len(runs) != 1 else ''}" + (f" in {data.prefix}" if data.prefix else "")
+    from rich import box
+
+    table = Table(
+        title=title,
+        caption="\n".join(notes) or None,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    for i, h in enumerate(data.headers):
+        widest = max([len(row[i]) for row in data.rows] + [1])
+        if h == "overrides":
+            table.add_column(h, overflow="fold", min_width=min(widest, 10))
+        else:
+            # Values keep their full width (a loss cut to "6.…" is useless); long headers wrap and
+            # the overrides column takes what is left.
+            table.add_column(h, justify="left" if h in ("run", "status") else "right", min_width=widest)
+    for run, row in zip(runs, data.rows):
+        style = _STATUS_STYLE.get(run["status"], "")
+        row = list(row)
+        row[1] = f"[{style}]{row[1]}[/{style}]" if style else row[1]
+        table.add_row(*row)
+    return table
+
+
+def report_markdown(runs: Sequence[dict]) -> str:
+    """The full table (every common metric) as markdown, with the failures listed below it."""
+    data = table_data(runs, all_columns=True)
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    out = ["# llmx report", ""]
+    if data.prefix:
+        out += [f"Runs under `{data.prefix}`.", ""]
+    if data.common_overrides:
+        out += [f"Common overrides: `{' '.join(data.common_overrides)}`", ""]
+    out += ["| " + " | ".join(data.headers) + " |", "|" + "|".join("---" for _ in data.headers) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in data.rows]
+    failed = [r for r in runs if r["status"] == "failed" and r["error"]]
+    if failed:
+        out += ["", "## Failures", ""]
+        out += [f"- `{r['run']}`: {r['error']}" for r in failed]
+    return "\n".join(out) + "\n"
+
+
+def write_report(runs: Sequence[dict], out_dir: os.PathLike | str) -> list[Path]:
+    """report.json, report.md and loss_curves.png in out_dir; returns the paths written."""
+    from llmx.logging.plots import plot_comparison
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    atomic_write_json(out_dir / "report.json", list(runs))
+    written.append(out_dir / "report.json")
+    atomic_write_text(out_dir / "report.md", report_markdown(runs))
+    written.append(out_dir / "report.md")
+    with_curves = [(r["run"], r["dir"]) for r in runs if r.get("has_metrics")]
+    if with_curves:
+        written.append(plot_comparison(with_curves, out_dir / "loss_curves.png"))
+    return written

@@ -1,0 +1,77 @@
+"""Shared test setup.
+
+One cache directory (tokenizers, tokenized datasets, converted models) for the whole session, so that
+the BPE tokenizer is trained and the SmolLM2 GGUF is converted once. CI may point LLMX_CACHE somewhere
+persistent; by default it lives in pytest's temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llmx_cache(tmp_path_factory):
+    if "LLMX_CACHE" in os.environ:
+        yield Path(os.environ["LLMX_CACHE"])
+        return
+    path = tmp_path_factory.mktemp("llmx_cache")
+    os.environ["LLMX_CACHE"] = str(path)
+    yield path
+
+
+# Small and fast: a 2-layer Llama on the pydoc corpus, a few steps, every step logged.
+TINY = [
+    "recipe=pretrain_tiny",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "data.seq_len=64",
+    "data.tokenizer.vocab_size=1024",
+    "trainer.batch_size=8",
+    "trainer.micro_batch_size=4",
+    "trainer.max_steps=12",
+    "trainer.log_every=1",
+    "trainer.eval_every=6",
+    "trainer.eval_batches=2",
+    "trainer.ckpt_every=4",
+    "optim.warmup_steps=2",
+    "logger.progress=false",
+]
+
+
+def run_llmx(args, *, cwd: Path, env=None, timeout=300, check=False) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmx", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llmx {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -1,0 +1,58 @@
+"""FSDP2 under `torchrun --nproc_per_node=2` with gloo on CPU, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, read_metrics, run_llmx, train_losses
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+FSDP = ["launcher=torchrun", "launcher.nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    single, fsdp = tmp / "single", tmp / "fsdp"
+    run_llmx(["run", *TINY, f"hydra.run.dir={single}"], cwd=tmp, check=True)
+    proc = run_llmx(["run", *TINY, *FSDP, f"hydra.run.dir={fsdp}"], cwd=tmp, check=True)
+    return tmp, single, fsdp, proc
+
+
+def test_two_process_fsdp_matches_single_process(runs):
+    _, single, fsdp, proc = runs
+    assert "torch.distributed.run" in proc.stdout and "world size 2" in proc.stdout
+    a, b = train_losses(single), train_losses(fsdp)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:  # same global batch and loss normalisation; only the summation order differs
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    final = json.loads((fsdp / "final.json").read_text())
+    assert final["world_size"] == 2
+    assert final["val_loss"] == pytest.approx(json.loads((single / "final.json").read_text())["val_loss"], rel=1e-4)
+    # Only rank 0 logs: one line per step, not two.
+    assert len([r for r in read_metrics(fsdp) if "loss" in r]) == 12
+
+
+def test_fsdp_export_is_a_full_hf_model(runs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, single, fsdp, _ = runs
+    a = AutoModelForCausalLM.from_pretrained(single / "hf")
+    b = AutoModelForCausalLM.from_pretrained(fsdp / "hf")
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_fsdp_resume_after_sigkill_is_bitwise(runs):
+    tmp, _, fsdp, _ = runs
+    killed = tmp / "fsdp_killed"
+    proc = run_llmx(["run", *TINY, *FSDP, f"hydra.run.dir={killed}"], cwd=tmp, env={"LLMX_DEBUG_KILL_AT_STEP": "10"})
+    assert proc.returncode != 0
+    assert max(train_losses(killed)) <= 10 and (killed / "checkpoints" / "step_00000008").is_dir()
+    run_llmx(["run", *TINY, *FSDP, f"hydra.run.dir={killed}", "resume=auto"], cwd=tmp, check=True)
+    assert train_losses(killed) == train_losses(fsdp)
