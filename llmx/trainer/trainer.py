@@ -395,8 +395,8 @@ class Trainer:
         return final
 
     def _nan_message(self, loss: float, lr: float, what: Optional[str] = None) -> str:
-        where = f"the last good checkpoint is {self.last_checkpoint} (resume={self.last_checkpoint})" if self.last_checkpoint \
-            else "no checkpoint was written before it"
+        where = f"The last good checkpoint is {self.last_checkpoint} (resume={self.last_checkpoint})" if self.last_checkpoint \
+            else "No checkpoint was written before it"
         return (f"{what or f'loss is {loss}'} at step {self.step + 1} (lr {lr:.3g}); stopping before the optimizer "
                 f"step. {where}. Try a lower optim.lr, more optim.warmup_steps or optim.grad_clip.")
 
