@@ -63,6 +63,9 @@ def _pin_resume_dir(overrides: List[str]) -> List[str]:
     except LlmxError as e:
         _fail(str(e))
     if found is None:
+        if value == "latest":
+            _fail(f"resume=latest: no complete checkpoint of recipe '{cfg.name}' under {root}/; "
+                  "use resume=auto to start fresh when none exists")
         return overrides
     return overrides + [f"hydra.run.dir={found.parent.parent}"]
 

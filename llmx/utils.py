@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 class LlmxError(Exception):
@@ -71,3 +73,35 @@ def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def publish_dir(final: os.PathLike | str, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a new temporary directory beside `final`; when the block succeeds, rename it to `final`.
+
+    Readers therefore see no directory or a complete one, never a half-written one. A failure inside
+    the block removes the temporary directory and leaves any existing `final` untouched.
+    replace=False (caches keyed by content): when another process published `final` first, its copy
+    is kept and ours dropped. replace=True (exports): an existing `final` is swapped out only once the
+    new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists() and replace:
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            raise

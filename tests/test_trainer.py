@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -190,22 +189,27 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
 
 
 def test_resume_resolution(tmp_path):
-    root = tmp_path / "outputs"
-    old_run, new_run = root / "exp" / "2026-01-01_00-00-00", root / "exp" / "2026-01-02_00-00-00"
-    new_run.mkdir(parents=True)
-    assert ckpt.resolve_resume(None, new_run, root, "exp") is None
-    assert ckpt.resolve_resume("auto", new_run, root, "exp") is None
+    run_dir, other_run = tmp_path / "exp" / "run2", tmp_path / "exp" / "run1"
+    run_dir.mkdir(parents=True)
+    assert ckpt.resolve_resume(None, run_dir) is None
+    assert ckpt.resolve_resume("auto", run_dir) is None
     with pytest.raises(LlmxError, match="resume=latest: no complete checkpoint"):
-        ckpt.resolve_resume("latest", new_run, root, "exp")
+        ckpt.resolve_resume("latest", run_dir)
     with pytest.raises(LlmxError, match="no such file"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), new_run, root, "exp")
+        ckpt.resolve_resume(str(tmp_path / "nope"), run_dir)
     model = tiny_model()
     opt = build_optimizer(model, optim_cfg())
-    c1 = _save(old_run / "checkpoints", 5, model, opt)
-    assert ckpt.resolve_resume("auto", new_run, root, "exp") == c1  # found in a sibling run of the recipe
-    assert ckpt.resolve_resume(str(old_run), new_run, root, "exp") == c1  # a run directory
-    assert ckpt.resolve_resume(str(c1), new_run, root, "exp") == c1
-    c2 = _save(new_run / "checkpoints", 3, model, opt)
-    assert ckpt.resolve_resume("latest", new_run, root, "exp") == c2  # this run's own first
+    c1 = _save(other_run / "checkpoints", 5, model, opt)
+    # auto never takes another run's checkpoint (a sweep job or a requeued job resumes only itself).
+    assert ckpt.resolve_resume("auto", run_dir) is None
+    assert ckpt.resolve_resume(str(other_run), run_dir) == c1  # a run directory
+    assert ckpt.resolve_resume(str(c1), run_dir) == c1
+    c2 = _save(run_dir / "checkpoints", 3, model, opt)
+    c3 = _save(run_dir / "checkpoints", 4, model, opt)
+    assert ckpt.resolve_resume("latest", run_dir) == c3 and ckpt.resolve_resume("auto", run_dir) == c3
+    partial = run_dir / "checkpoints" / ".tmp-step_00000009"
+    partial.mkdir()
+    with pytest.raises(LlmxError, match="incomplete"):
+        ckpt.resolve_resume(str(partial), run_dir)
     with pytest.raises(LlmxError, match="world_size|process"):
         ckpt.load(c2, model, [opt], rank=0, world_size=2)

@@ -3,12 +3,9 @@ backward, activation checkpointing, bf16, meta init, loggers, pretrained SmolLM2
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY, train_losses
 from llmx.config.compose import compose

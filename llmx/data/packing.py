@@ -25,9 +25,6 @@ split is the first val_max_sequences blocks of its stream, held in memory.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
@@ -38,7 +35,7 @@ import torch
 from llmx.config.schema import DataSource
 from llmx.data.sources import TRAIN, VALIDATION, as_data_config, documents
 from llmx.data.tokenizer import tokenizer_fingerprint
-from llmx.utils import LlmxError, atomic_write_json, cache_dir, sha256_text
+from llmx.utils import LlmxError, atomic_write_json, cache_dir, publish_dir, sha256_text
 
 FORMAT_VERSION = 1
 COLUMN = "input_ids"
@@ -174,9 +171,8 @@ def _build_split(cfg, split: str, tokenizer, tok_sha: str, limit: Optional[int])
         texts = list(docs.load())
         ds, num_tokens = _tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.num_proc, f"tokenizing {split}")
         root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-")
-        try:
-            ds.save_to_disk(tmp)
+        with publish_dir(final) as tmp:  # a concurrent builder of the same key may win: same content
+            ds.save_to_disk(str(tmp))
             atomic_write_json(
                 Path(tmp) / "llmx_meta.json",
                 {
@@ -191,11 +187,6 @@ def _build_split(cfg, split: str, tokenizer, tok_sha: str, limit: Optional[int])
                     "tokenizer_sha256": tok_sha,
                 },
             )
-            os.rename(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the rename: use its copy
-            if not final.is_dir():
-                raise
     from datasets import load_from_disk
 
     meta = json.loads((final / "llmx_meta.json").read_text())

@@ -21,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from llmx.config.schema import TokenizerSource
 from llmx.data.sources import TRAIN, as_data_config, documents
-from llmx.utils import LlmxError, atomic_write_json, cache_dir, sha256_text
+from llmx.utils import LlmxError, atomic_write_json, cache_dir, publish_dir, sha256_text
 
 ALGORITHM_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
@@ -116,8 +114,8 @@ def train_bpe(texts: List[str], vocab_size: int, root: Path, text_sha: Optional[
             # Cleanup would strip spaces before punctuation; transformers 5 skips it for BPE but warns.
             clean_up_tokenization_spaces=False,
         )
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-")
-        try:
+        # A concurrent process that published the same key first wins; its copy is identical.
+        with publish_dir(final) as tmp:
             fast.save_pretrained(tmp)
             atomic_write_json(
                 Path(tmp) / "llmx_tokenizer.json",
@@ -131,12 +129,6 @@ def train_bpe(texts: List[str], vocab_size: int, root: Path, text_sha: Optional[
                     "train_seconds": round(time.perf_counter() - start, 3),
                 },
             )
-            os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its identical copy into place first: use that one.
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (final / "tokenizer.json").exists():
-                raise
     # Always load from disk, so that a cache hit and a fresh training return the same object.
     return PreTrainedTokenizerFast.from_pretrained(str(final))
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
-from llmx.utils import LlmxError
+from llmx.utils import LlmxError, publish_dir
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,22 +46,10 @@ def _clean_config(hf_config: Any, tokenizer: Any) -> Any:
 
 def _write(clean: torch.nn.Module, tokenizer: Any, out_dir: os.PathLike | str) -> Path:
     out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with publish_dir(out, replace=True) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "export")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

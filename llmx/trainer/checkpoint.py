@@ -200,25 +200,23 @@ def find_newest(run_dirs: List[Path]) -> Optional[Path]:
     return best
 
 
-def resolve_resume(spec: Optional[str], run_dir: Path, output_root: Path, name: str) -> Optional[Path]:
+def resolve_resume(spec: Optional[str], run_dir: Path) -> Optional[Path]:
     """Turn the `resume` setting into a checkpoint path (or None for a fresh start).
 
-    auto:   newest complete checkpoint of this run dir, else of any run of this recipe under
-            <output_root>/<name>/; None when there is none (the caller says so loudly).
+    auto:   the newest complete checkpoint of this run directory; None when there is none (the caller
+            says so loudly). This is what a requeued Slurm job or a sweep job needs: its own directory,
+            never another run's. (`llmx run ... resume=auto` first points the run directory at the
+            recipe's newest run with a checkpoint: see llmx.cli.)
     latest: the same, but an error when there is none.
     a path: a checkpoint directory, or a run directory (its newest checkpoint).
     """
     if spec in (None, "", "none", "null"):
         return None
     if spec in ("auto", "latest"):
-        here = find_newest([run_dir])
-        if here is not None:
-            return here
-        siblings = sorted(p for p in (output_root / name).glob("*") if p.is_dir() and p != run_dir)
-        found = find_newest(siblings)
+        found = find_newest([run_dir])
         if found is None and spec == "latest":
             raise LlmxError(
-                f"resume=latest: no complete checkpoint in {run_dir} or under {output_root / name}/; "
+                f"resume=latest: no complete checkpoint in {run_dir / 'checkpoints'}; "
                 "use resume=auto to start fresh when none exists"
             )
         return found

@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -202,11 +202,11 @@ class Trainer:
         cfg = self.cfg
         path = None
         if self.info.is_main:
-            path = ckpt.resolve_resume(cfg.resume, self.run_dir, Path(cfg.output_root), cfg.name)
+            path = ckpt.resolve_resume(cfg.resume, self.run_dir)
         path = broadcast_object(str(path) if path else None)
         if path is None:
             if cfg.resume in ("auto",):
-                self.say(f"resume=auto: no complete checkpoint of '{cfg.name}' found; starting from step 0")
+                self.say(f"resume=auto: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
             return
         state = ckpt.load(
             Path(path), self.model, optimizers_of(self.optimizer), rank=self.info.rank, world_size=self.info.world_size
@@ -283,19 +283,19 @@ class Trainer:
         from llmx.logging.metrics import MetricsLogger
         from llmx.logging.progress import Progress
 
-        cfg, t, o = self.cfg, self.cfg.trainer, self.cfg.optim
+        cfg, t = self.cfg, self.cfg.trainer
         self._setup()
         metrics = MetricsLogger(self.run_dir, cfg, enabled=self.info.is_main)
         try:
             self._resume(metrics)
-            with StopSignal() as stop, Progress(t.max_steps, start_step=self.step, enabled=self.info.is_main and cfg.logger.progress) as bar:
-                result = self._loop(metrics, bar, stop)
-            return result
+            show_bar = self.info.is_main and cfg.logger.progress
+            with StopSignal() as stop, Progress(t.max_steps, start_step=self.step, enabled=show_bar) as bar:
+                return self._loop(metrics, bar, stop)
         finally:
             metrics.close()
 
     def _loop(self, metrics, bar, stop: StopSignal) -> Dict[str, Any]:
-        cfg, t, o = self.cfg, self.cfg.trainer, self.cfg.optim
+        t, o = self.cfg.trainer, self.cfg.optim
         info, device = self.info, self.info.device
         params = [p for p in self.model.parameters() if p.requires_grad]
         window_tokens, window_time, train_time = 0, 0.0, 0.0
