@@ -39,7 +39,9 @@ bench: setup  ## trainer throughput and CLI start-up benchmark
 	$(PY) scripts/bench_trainer.py
 
 lock:  ## re-pin requirements.lock from the current .venv
-	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llmx|-e )' > requirements.lock
+	@echo "# Exact versions used by \`make setup\` (constraints for pip). Re-pin with \`make lock\`." > requirements.lock
+	@echo "# torch is pinned without a local label: the CPU wheel on CPU machines, the CUDA build elsewhere." >> requirements.lock
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llmx|-e )' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' >> requirements.lock
 
 clean:  ## remove outputs of runs (keeps .venv)
 	rm -rf outputs/* multirun

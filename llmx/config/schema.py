@@ -132,6 +132,49 @@ class OptimConfig:
     no_decay: List[str] = field(default_factory=lambda: ["*bias", "*norm*", "*embed*"])
 
 
+class ProjType(str, Enum):
+    std = "std"  # project the smaller side (GaLore's default)
+    reverse_std = "reverse_std"  # project the larger side
+    left = "left"
+    right = "right"
+    full = "full"  # both sides: an r x r core
+
+
+class SVDMethod(str, Enum):
+    exact = "exact"  # torch.linalg.svd in fp32 (GaLore 1)
+    randomized = "randomized"  # range finder with oversampling and power iterations (GaLore 2)
+
+
+class MomentPolicy(str, Enum):
+    keep = "keep"  # the reference: moments stay as they are when the subspace changes
+    reproject = "reproject"  # rotate the first moment into the new basis (second moment: squared rotation)
+    reset = "reset"  # zero both moments at each refresh
+
+
+@dataclass
+class GaLoreOptimConfig(OptimConfig):
+    """GaLore / GaLore 2 (llmx.optim.galore). Parameters matching `targets` (2-D weights of attention and
+    MLP by default) are optimized in a rank-`rank` gradient subspace; the rest with plain AdamW."""
+
+    name: str = "galore_adamw"
+    eps: float = 1e-6  # galore-torch's AdamW default
+    rank: int = 128
+    update_proj_gap: int = 200  # T: steps between subspace refreshes
+    scale: float = 0.25  # alpha
+    proj_type: ProjType = ProjType.std
+    svd: SVDMethod = SVDMethod.exact
+    oversample: int = 10  # randomized SVD: extra columns of the sketch
+    power_iters: int = 1  # randomized SVD: subspace iterations
+    moments: MomentPolicy = MomentPolicy.keep
+    targets: List[str] = field(default_factory=lambda: ["*self_attn.*_proj.weight", "*mlp.*_proj.weight"])
+    rank_overrides: Dict[str, int] = field(default_factory=dict)  # name pattern -> rank
+    quant_bits: Optional[int] = None  # 8 or 4: store projection matrices quantized (Q-GaLore)
+    quant_group_size: int = 256
+    tucker: bool = True  # parameters with more than 2 dims get a Tucker projector
+    optim_bits: int = 32  # 8: 8-bit Adam states through bitsandbytes
+    fused: bool = False  # Triton fused step (CUDA); the PyTorch path otherwise
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 on CUDA, fp32 on CPU
     fp32 = "fp32"
@@ -223,7 +266,11 @@ class LlmxConfig:
 
 
 def register() -> None:
-    """Store the root schema in Hydra's ConfigStore; conf/config.yaml extends it (idempotent)."""
+    """Store the schemas in Hydra's ConfigStore: the root (conf/config.yaml extends it) and the subclasses
+    that group options extend (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="llmx_schema", node=LlmxConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="llmx_schema", node=LlmxConfig)
+    # Group options that extend a group's schema start their defaults list with one of these.
+    cs.store(group="optim", name="galore_schema", node=GaLoreOptimConfig)
