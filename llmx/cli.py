@@ -13,6 +13,7 @@ Only typer is imported at start-up; Hydra, torch and transformers load inside th
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -45,6 +46,17 @@ def _compose_or_exit(overrides: List[str]):
 
 def _has_override(overrides: List[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
+def _config_sweep_params(overrides: List[str]) -> List[str]:
+    """Sweep axes a config declares in hydra.sweeper.params (Hydra's BasicSweeper reads them too; the
+    command line wins for the same key), so that every job is validated and listed before any runs."""
+    from llmx.config.compose import compose, expand_sweep
+
+    first_job = expand_sweep(overrides)[0]  # the recipe (and so its sweeper params) may itself be swept
+    params = compose(first_job, return_hydra_config=True).hydra.sweeper.get("params") or {}
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    return [f"{k}={v}" for k, v in params.items() if k not in given]
 
 
 def _pin_resume_dir(overrides: List[str]) -> List[str]:
@@ -83,11 +95,14 @@ def run(
 
     # Validate every job's config before any work starts, with llmx's own error messages.
     try:
-        jobs = expand_sweep(overrides) if multirun else [overrides]
-        for job in jobs:
-            compose(job)
+        jobs = expand_sweep(overrides + _config_sweep_params(overrides)) if multirun else [overrides]
+        cfgs = [compose(job) for job in jobs]
     except ConfigError as e:
         _fail(str(e), 2)
+    if not multirun and cfgs[0].launcher.name.value == "slurm":
+        # Hydra hands jobs to its launcher plugin only in multirun; one Slurm job is a sweep of one.
+        typer.echo("llmx: launcher=slurm submits through Hydra's multirun (one job)")
+        multirun = True
     if dry_run:
         for i, job in enumerate(jobs):
             typer.echo(f"job {i}: {' '.join(job) or '(defaults)'}")
@@ -198,7 +213,19 @@ def report(
 
 
 def main() -> None:
-    app()
+    if "LOCAL_RANK" not in os.environ:
+        app()
+        return
+    # A rank of an outer torchrun: exit without interpreter teardown, which can abort after a clean
+    # run when gloo process groups existed (see llmx/worker.py).
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

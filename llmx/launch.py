@@ -78,12 +78,12 @@ def load_run_config(run_dir: Path):
     """The resolved config saved by save_run_files, validated against the schema again."""
     from omegaconf import OmegaConf
 
-    from llmx.config.schema import LlmxConfig
+    from llmx.config.schema import typed
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise LlmxError(f"{path}: no saved config (is {run_dir} an llmx run directory?)")
-    return OmegaConf.merge(OmegaConf.structured(LlmxConfig), OmegaConf.load(path))
+    return typed(OmegaConf.load(path))
 
 
 def quiet_library_progress_bars() -> None:

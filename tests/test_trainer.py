@@ -53,7 +53,7 @@ def test_constant_schedule_and_bad_name():
 
 # ---------------------------------------------------------------- optimizers
 def test_unknown_optimizer_names_the_valid_ones():
-    with pytest.raises(LlmxError, match=r"optim.name=sgd.*adamw"):
+    with pytest.raises(LlmxError, match=r"optim.name=sgd.*adamw, galore_adamw"):
         build_optimizer(tiny_model(), optim_cfg(name="sgd"))
 
 

@@ -265,6 +265,20 @@ class LlmxConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
+# optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).
+OPTIM_SCHEMAS = {"adamw": OptimConfig, "galore_adamw": GaLoreOptimConfig}
+
+
+def typed(raw) -> Any:
+    """A saved, resolved config (a DictConfig) re-validated against the schema, with the optim node
+    typed by its optimizer's own schema."""
+    from omegaconf import OmegaConf
+
+    optim_cls = OPTIM_SCHEMAS.get(str(raw.get("optim", {}).get("name", "adamw")), OptimConfig)
+    base = OmegaConf.merge(OmegaConf.structured(LlmxConfig), {"optim": OmegaConf.structured(optim_cls)})
+    return OmegaConf.merge(base, raw)
+
+
 def register() -> None:
     """Store the schemas in Hydra's ConfigStore: the root (conf/config.yaml extends it) and the subclasses
     that group options extend (idempotent)."""

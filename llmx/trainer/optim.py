@@ -23,6 +23,7 @@ is freed. Peak memory drops by the size of all gradients. Differences from the u
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import math
 from typing import Callable, Dict, Iterable, List
 
@@ -73,7 +74,15 @@ def strip_names(groups: List[dict]) -> List[dict]:
     return [{k: v for k, v in g.items() if k != "names"} for g in groups]
 
 
+# Method packages register their optimizers when imported. They are imported on first need, so that a
+# plain AdamW run loads none of them, and all of them before an unknown name is reported.
+OPTIMIZER_MODULES = ("llmx.optim.galore.build",)
+
+
 def builder_for(name: str) -> OptimizerBuilder:
+    if name not in OPTIMIZERS:
+        for module in OPTIMIZER_MODULES:
+            importlib.import_module(module)
     if name not in OPTIMIZERS:
         raise LlmxError(f"optim.name={name}: unknown optimizer; available: {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name]

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU checks for the fused GaLore kernels, for a session that has a GPU machine (one H100: < 8 minutes).
+#
+#   bash scripts/device_check.sh            # results and a log in ${OUT:-outputs/device}
+#
+# Steps: environment report; tests/test_galore_kernels.py on CUDA (interpreter off, so the CUDA-only parity
+# tests at the 7B shape run); scripts/bench_galore.py if it exists. A failing step makes the script exit
+# non-zero, but the later steps still run.
+#
+# Nothing here needs hydra-core or omegaconf. The GPU image lacks them; if a step ever does, they travel as
+# wheels in .whl/ (see the device README): this script installs whatever .whl/ holds, with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}  # the image's python3 is the one with CUDA PyTorch and Triton
+OUT_DIR=${OUT:-outputs/device}
+mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/device_check.log") 2>&1
+unset TRITON_INTERPRET  # the point is to compile for the GPU
+export PYTHONUNBUFFERED=1
+
+status=0
+step() {  # step NAME COMMAND...: run it, report, remember a failure, carry on
+  local name=$1 rc=0
+  shift
+  echo; echo "=== $name"
+  "$@" || rc=$?
+  if [ "$rc" -eq 0 ]; then echo "=== $name: ok"; else echo "=== $name: FAILED (exit $rc)"; status=1; fi
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step "install .whl/" "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# llmx is not installed there, and kernels/ only becomes llmx.kernels through pyproject's package-dir:
+# build that layout from symlinks. `python -P` keeps the checkout's own llmx/ (which has no kernels/)
+# from shadowing it.
+if ! "$PY" -P -c "import llmx.kernels" 2>/dev/null; then
+  SHIM=$(mktemp -d)
+  mkdir "$SHIM/llmx"
+  ln -s "$REPO"/llmx/* "$SHIM/llmx/"
+  ln -s "$REPO/kernels" "$SHIM/llmx/kernels"
+  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+versions() {
+  "$PY" -P - <<'EOF'
+import importlib.util, sys
+import torch, triton
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0), "| SMs", torch.cuda.get_device_properties(0).multi_processor_count)
+for name in ("hydra", "omegaconf"):
+    print(name, "importable" if importlib.util.find_spec(name) else "missing (not needed here)")
+import llmx.kernels.galore_step as gs
+print("llmx.kernels.galore_step from", gs.__file__, "| fused_available(cuda):", gs.fused_available("cuda"))
+EOF
+}
+
+step "nvidia-smi" nvidia-smi
+step "versions" versions
+# -s shows the measured parity errors ("galore-parity ...") next to the tolerances they are held to.
+step "pytest tests/test_galore_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_galore_kernels.py
+
+if [ -f scripts/bench_galore.py ]; then
+  # svd and step only: the memory section composes recipes (Hydra) and gives the same figures on any device.
+  step "bench_galore.py" timeout 200 "$PY" -P scripts/bench_galore.py --device cuda --sections svd,step --out "$OUT_DIR"
+  ls -l "$OUT_DIR"/*.json 2>/dev/null || echo "(bench_galore.py wrote no JSON into $OUT_DIR)"
+else
+  echo; echo "=== bench_galore.py: not in this checkout, skipped"
+fi
+
+echo; echo "=== device_check: $([ "$status" -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED); log in $OUT_DIR"
+exit "$status"
