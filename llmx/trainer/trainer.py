@@ -89,7 +89,15 @@ def to_device(batch, device: torch.device):
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # Linux reports ru_maxrss in KiB: the process's peak resident memory, the CPU analogue.
+    # The CPU analogue: this address space's peak resident memory (VmHWM, KiB). Not ru_maxrss: Linux
+    # carries that across fork and exec, so a run started by a large parent would report the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
