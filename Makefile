@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.llmx-installed-$(shell cat pyproject.toml requirements.lock 2
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test test-fast bench lock clean
+.PHONY: help setup run test test-fast bench bench-galore lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,9 @@ test-fast: setup  ## the suite without the slow end-to-end runs
 
 bench: setup  ## trainer throughput and CLI start-up benchmark
 	$(PY) scripts/bench_trainer.py
+
+bench-galore: setup  ## GaLore 2: state memory, subspace refresh, optimizer step, convergence (~12 min on 2 cores)
+	$(PY) scripts/bench_galore.py
 
 lock:  ## re-pin requirements.lock from the current .venv
 	@echo "# Exact versions used by \`make setup\` (constraints for pip). Re-pin with \`make lock\`." > requirements.lock
