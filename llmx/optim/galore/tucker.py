@@ -91,13 +91,16 @@ class TuckerProjector:
         expected = (len(range(self._shape[0])[rows]) if rows is not None else self._shape[0],) + self._shape[1:]
         if tuple(grad.shape) != expected:
             raise ValueError(f"project expects a gradient of shape {expected}, got {tuple(grad.shape)}")
-        core = grad.to(self._factors[0].dtype)
-        for k in range(core.ndim):
-            u = self._factor(k, core.device)
+        return self._multiply(grad.to(self._factors[0].dtype), rows, transpose=True)
+
+    def _multiply(self, x: torch.Tensor, rows: Optional[slice], transpose: bool) -> torch.Tensor:
+        """x times every mode's factor (U_k^T to project, U_k to project back); a row shard uses U_0's rows."""
+        for k in range(x.ndim):
+            u = self._factor(k, x.device)
             if k == 0 and rows is not None:
                 u = u[rows]
-            core = mode_dot(core, u.T, k)
-        return core
+            x = mode_dot(x, u.T if transpose else u, k)
+        return x
 
     def add_back_(self, target: torch.Tensor, core: torch.Tensor, alpha: float, rows: Optional[slice] = None) -> torch.Tensor:
         """target += alpha * project_back(core, rows), in place (the GaLoreProjector interface)."""
@@ -108,13 +111,7 @@ class TuckerProjector:
         expected = tuple(f.shape[1] for f in self._factors)
         if tuple(core.shape) != expected:
             raise ValueError(f"project_back expects a core of shape {expected}, got {tuple(core.shape)}")
-        x = core.to(self._factors[0].dtype)
-        for k in range(x.ndim):
-            u = self._factor(k, x.device)
-            if k == 0 and rows is not None:
-                u = u[rows]
-            x = mode_dot(x, u, k)
-        return x * self.scale
+        return self._multiply(core.to(self._factors[0].dtype), rows, transpose=False) * self.scale
 
     def basis(self) -> Dict[str, torch.Tensor]:
         return {f"U{k}": u.float() for k, u in enumerate(self._factors)}
