@@ -118,7 +118,7 @@ def test_reference_matches_galore_torch(side, shape):
     w = torch.nn.Parameter(torch.randn(*shape))
     opt = galore_torch.GaLoreAdamW([{"params": [w], "rank": 6, "update_proj_gap": 100, "scale": HP["scale"],
                                      "proj_type": "std"}], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]),
-                                   eps=HP["eps"], weight_decay=0.1)
+                                   eps=HP["eps"], weight_decay=0.1, no_deprecation_warning=True)
     mine = w.detach().clone()
     grads = [torch.randn(*shape) for _ in range(3)]
     for t, grad in enumerate(grads, start=1):
