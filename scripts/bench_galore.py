@@ -17,7 +17,7 @@ Every ratio is measured against a baseline in the same run.
    GaLoreAdamW against galore-torch's GaLoreAdamW and torch's fused AdamW (full rank). CPU: the 350M
    layer (1024 / 2736) at rank 256; CUDA: the 7B layer (4096 / 11008) at rank 1024.
 4. convergence: galore2_tiny against AdamW (pretrain_tiny) on the same data and steps: validation loss
-   ratio (goal: within 3%); and peak memory (max RSS on CPU) of GaLore with and without optimizer-in-
+   ratio (goal: within 3%); and peak resident memory (VmHWM on CPU) of GaLore with and without optimizer-in-
    backward on a 311M-parameter model (layer-wise mode frees each gradient at once).
 """
 
@@ -309,7 +309,7 @@ def main():
         c = result["convergence"]
         print(f"\n4. convergence over {c['steps']} steps: AdamW val loss {c['adamw_val_loss']:.4f}, GaLore "
               f"{c['galore_val_loss']:.4f} (ratio {c['galore_over_adamw_val_loss']:.4f}, goal <= 1.03)")
-        print(f"   peak memory (max RSS): plain {c['peak_mem_mb_plain']:.0f} MB, layer-wise "
+        print(f"   peak resident memory (VmHWM): plain {c['peak_mem_mb_plain']:.0f} MB, layer-wise "
               f"{c['peak_mem_mb_layerwise']:.0f} MB (ratio {c['layerwise_over_plain_peak']:.3f})")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_galore_{args.device}.json"
