@@ -185,9 +185,11 @@ def test_fused_split_k(side, split_k):
         assert rel_err(p[name], ref[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("precision,tol", [("tf32", 1e-5), ("bf16", 1e-2)])
+# On a GPU, tf32 really rounds the dot operands to 10 mantissa bits (6.4e-5 measured on an H100).
+@pytest.mark.parametrize("precision,tol", [("tf32", 1e-5 if DEVICE == "cpu" else 1e-3), ("bf16", 1e-2)])
 def test_fused_precisions_in_interpreter(precision, tol):
-    """tf32 is exact fp32 in the interpreter; bf16 rounds the dot operands (emulated: see the module doc)."""
+    """tf32 is exact fp32 in the interpreter (a looser bound on a GPU, where it is real tf32); bf16 rounds
+    the dot operands (emulated in the interpreter: see the module doc)."""
     p = make_problem(70, 96, 16, "left", warm_moments=True)
     ref = clone_problem(p)
     w0 = p["param"].clone()
