@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.llmx-installed-$(shell cat pyproject.toml requirements.lock 2
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test test-fast bench bench-galore lock clean
+.PHONY: help setup run test test-fast bench bench-galore bench-gsm lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,6 +40,9 @@ bench: setup  ## trainer throughput and CLI start-up benchmark
 
 bench-galore: setup  ## GaLore 2: state memory, subspace refresh, optimizer step, convergence (~12 min on 2 cores)
 	$(PY) scripts/bench_galore.py
+
+bench-gsm: setup  ## GSM-Infinite generation speed: problems/s per subset and length, worker scaling (~3 min)
+	$(PY) scripts/bench_gsm_infinite.py
 
 lock:  ## re-pin requirements.lock from the current .venv
 	@echo "# Exact versions used by \`make setup\` (constraints for pip). Re-pin with \`make lock\`." > requirements.lock

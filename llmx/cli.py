@@ -194,7 +194,7 @@ def report(
     """Final metrics of one run or a whole sweep as a table, plus the plots."""
     from rich.console import Console
 
-    from llmx.report import collect_runs, report_table, write_report
+    from llmx.report import bench_sections, collect_runs, report_table, write_report
     from llmx.utils import LlmxError
 
     for d in run_dirs:
@@ -206,7 +206,13 @@ def report(
         _fail(str(e))
     if not runs:
         _fail(f"no llmx runs (directories with metrics.jsonl) under {' '.join(map(str, run_dirs))}")
-    Console().print(report_table(runs))
+    console = Console()
+    console.print(report_table(runs))
+    bench = bench_sections(runs)
+    if bench:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(bench))
     target = out or (run_dirs[0] if len(run_dirs) == 1 else Path("."))
     for path in write_report(runs, target):
         typer.echo(f"wrote {path}")

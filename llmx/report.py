@@ -17,6 +17,7 @@ from llmx.logging.metrics import FINAL_FILE, METRICS_FILE, read_metrics
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text
 
 ERROR_FILE = "error.txt"
+BENCH_RESULTS = "results.md"  # written by the generate-bench recipe
 _MARKERS = (METRICS_FILE, FINAL_FILE, ERROR_FILE, os.path.join(".hydra", "overrides.yaml"))
 
 # (header, accepted keys): the headline columns, shown when any run has one of the keys.
@@ -316,7 +317,24 @@ def report_markdown(runs: Sequence[dict]) -> str:
     if failed:
         out += ["", "## Failures", ""]
         out += [f"- `{r['run']}`: {r['error']}" for r in failed]
+    bench = bench_sections(runs)
+    if bench:
+        out += ["", bench]
     return "\n".join(out) + "\n"
+
+
+def bench_sections(runs: Sequence[dict]) -> str:
+    """For generate-bench runs: the accuracy-per-op table, AUC and sigmoid fit (results.md), and the plots."""
+    out = []
+    for r in runs:
+        results = Path(r["dir"]) / BENCH_RESULTS
+        if not results.is_file():
+            continue
+        body = results.read_text().split("\n", 2)[-1].strip()  # drop the file's own title line
+        out += [f"## Benchmark: {r['run']}", "", body, ""]
+        out += [f"![{Path(p).stem}]({p})" for p in sorted(Path(r["dir"]).glob("accuracy_*.png"))]
+        out.append("")
+    return "\n".join(out).strip()
 
 
 def write_report(runs: Sequence[dict], out_dir: os.PathLike | str) -> list[Path]:

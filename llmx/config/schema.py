@@ -244,6 +244,64 @@ class LauncherConfig:
 
 
 @dataclass
+class BenchConfig:
+    """What a generate-bench recipe generates (conf/bench/)."""
+
+    generator: str = "gsm_infinite"  # a name registered with llmx.bench.register_bench
+    options: Dict[str, Any] = field(default_factory=dict)  # the generator's own options
+    subsets: List[str] = field(default_factory=lambda: ["symbolic"])
+    lengths: List[str] = field(default_factory=lambda: ["0"])  # 0, 8k (8000 tokens), 16k, ..., or token counts
+    ops: Any = "1-8"  # [1, 2, 5] | "1-8" | "2-30:2" | "1,2,5"
+    # Per-subset ops, optionally per length: {medium: "2-30", symbolic: {"0": "1-50", "8k": "1-30"}}.
+    ops_by_subset: Dict[str, Any] = field(default_factory=dict)
+    per_op: int = 20  # problems per (subset, length, op)
+    workers: int = 1  # generator processes
+    verify: bool = True  # re-solve every problem with the independent solver before writing it
+    formats: List[str] = field(default_factory=lambda: ["arrow"])  # arrow and/or jsonl
+    out_dir: Optional[str] = None  # null: <run_dir>/bench
+    dataset_dir: Optional[str] = None  # evaluate this existing benchmark instead of generating one
+    tokenizer: Optional[str] = None  # tokenizer that measures context length; null: the model group's
+
+
+class EvalBackend(str, Enum):
+    none = "none"  # generate only
+    hf = "hf"  # the model group's model, loaded locally with transformers
+    openai = "openai"  # any OpenAI-compatible HTTP endpoint (vLLM, SGLang, ...)
+    oracle = "oracle"  # replies with each problem's reference solution: checks the graders end to end
+
+
+@dataclass
+class EvaluatorConfig:
+    """How a generate-bench recipe evaluates a model on the benchmark (conf/evaluator/)."""
+
+    backend: EvalBackend = EvalBackend.none
+    limit_per_op: Optional[int] = None  # evaluate the first N problems (by index) of each split
+    num_samples: int = 1
+    pass_k: List[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to num_samples
+    pass_estimator: str = "reference"  # reference: 1-(1-c/n)^k, as the paper; unbiased: Chen et al.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+    system_prompt: Optional[str] = None
+    stop: List[str] = field(default_factory=list)
+    cache: Optional[str] = None  # replies cache (JSONL); null: <output_root>/bench_cache/<hash>.jsonl
+    # hf
+    batch_size: int = 8
+    chat_template: bool = True
+    device: str = "auto"
+    # openai
+    base_url: Optional[str] = None
+    model_name: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    api: str = "chat"  # chat | completions
+    concurrency: int = 16
+    max_retries: int = 6
+    timeout_s: float = 600.0
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
     name: str = MISSING
@@ -263,6 +321,8 @@ class LlmxConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).
