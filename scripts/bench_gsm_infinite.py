@@ -6,7 +6,8 @@
 Sections (every problem is verified by the independent solver unless the row says otherwise):
   zero      zero-context symbolic (ops 1-30), medium and hard (ops 2-30): 1 worker, 2 workers (ratio =
             scaling), and 1 worker without verification (ratio = the solver's cost)
-  long      8k / 32k-token problems measured with SmolLM2's tokenizer (length search dominates)
+  long      8k, 32k and 128k-token problems measured with SmolLM2's tokenizer, one process (the length
+            search's tokenizer passes dominate)
   full      the 100k run of recipe gsm_infinite_generate_100k, through the same library call
 Prints a table and writes bench_gsm_infinite.json (--out).
 """
@@ -51,7 +52,7 @@ def smollm2_tokenizer() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-op", type=int, default=100, help="problems per op in the zero-context section")
-    ap.add_argument("--long-per-op", type=int, default=4)
+    ap.add_argument("--long-per-op", type=int, default=8)
     ap.add_argument("--sections", default="zero,long")
     ap.add_argument("--full-100k", action="store_true")
     ap.add_argument("--out", default="outputs/bench")
@@ -74,11 +75,15 @@ def main() -> None:
 
     if "long" in sections:
         tok = smollm2_tokenizer()
-        for subset, length, ops in (("symbolic", "8k", "2-10:4"), ("symbolic", "32k", "2-10:4"),
-                                    ("medium", "8k", "2-10:4"), ("hard", "8k", "2-10:4"), ("hard", "32k", "2-10:4")):
-            cells = build_plan([subset], [length], ops, args.long_per_op)
-            one = run(cells, 2, tokenizer=tok)
-            rows.append({"section": "long", "subset": subset, "length": length, "ops": ops, "workers": 2, **one})
+        for subset, length, ops, per_op in (("symbolic", "8k", "2-10:4", args.long_per_op),
+                                            ("symbolic", "32k", "2-10:4", args.long_per_op),
+                                            ("medium", "8k", "2-10:4", args.long_per_op),
+                                            ("hard", "8k", "2-10:4", args.long_per_op),
+                                            ("hard", "32k", "2-10:4", args.long_per_op),
+                                            ("symbolic", "128k", "6", 2), ("hard", "128k", "6", 2)):
+            cells = build_plan([subset], [length], ops, per_op)
+            one = run(cells, 1, tokenizer=tok)  # one process: the time per problem, tokenizer load included
+            rows.append({"section": "long", "subset": subset, "length": length, "ops": ops, "workers": 1, **one})
             print(rows[-1], flush=True)
 
     if args.full_100k:

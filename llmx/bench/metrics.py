@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from llmx.bench.base import length_name
+
 
 
 def pass_at_k(correct: Sequence[bool], k: int, estimator: str = "reference") -> float:
@@ -116,7 +118,7 @@ def score(rows: Sequence[Dict[str, Any]], ks: Optional[Sequence[int]] = None, es
         cells.append(cell)
     curves: Dict[str, Dict[str, Any]] = {}
     for cell in cells:
-        key = f"{cell['subset']}/{cell['length']}" + (f"/{cell['group']}" if cell["group"] else "")
+        key = f"{cell['subset']}/{length_name(cell['length'])}" + (f"/{cell['group']}" if cell["group"] else "")
         curve = curves.setdefault(key, {"subset": cell["subset"], "length": cell["length"], "group": cell["group"],
                                         "ops": [], "acc": [], "n": []})
         curve["ops"].append(cell["op"])
@@ -171,7 +173,7 @@ def plot_curves(scores: Dict[str, Any], out_dir) -> List[str]:
     for subset, curves in by_subset.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in sorted(curves, key=lambda c: c["length"]):
-            label = f"{c['length'] // 1000}k" if c["length"] else "0"
+            label = length_name(c["length"])
             line, = ax.plot(c["ops"], c["acc"], "o-", label=f"{label} (AUC {c['auc']:.0f})")
             s = c["sigmoid"]
             if s["ok"]:

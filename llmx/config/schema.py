@@ -299,6 +299,11 @@ class EvaluatorConfig:
     max_retries: int = 6
     timeout_s: float = 600.0
     extra_body: Dict[str, Any] = field(default_factory=dict)
+    # Symbolic grading: rules (a rule-based extractor) | llm (an LLM rewrites each reply as a variable list,
+    # as the reference does; served at extractor_base_url, OpenAI-compatible).
+    symbolic_extractor: str = "rules"
+    extractor_base_url: Optional[str] = None
+    extractor_model: Optional[str] = None
 
 
 @dataclass

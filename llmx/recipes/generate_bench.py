@@ -111,12 +111,16 @@ def main(cfg) -> Dict[str, Any]:
     replies = run_with_cache(backend, requests, cache_path, progress=_progress_printer() if cfg.logger.progress else None)
     seconds = time.perf_counter() - t0
 
-    # 4. Grading: every sample of every problem.
+    # 4. Grading: every sample of every problem (symbolic sets optionally extracted by an LLM).
+    extracted = _llm_extracted(ev, records, replies, cache_path) if ev.symbolic_extractor == "llm" else {}
     rows = []
     with open(run_dir / "problems.jsonl", "w") as f:
         for r in records:
             got = replies[r["id"]]
-            correct = [bench.grade(reply, r) for reply in got]
+            if r["subset"] == "symbolic" and extracted:
+                correct = [extracted[(r["id"], i)] == set(r["answer_list"]) for i in range(len(got))]
+            else:
+                correct = [bench.grade(reply, r) for reply in got]
             groups = bench.group_keys(r)
             rows.append({"subset": r["subset"], "length": r["length"], "op": r["op"], "correct": correct, "groups": groups})
             f.write(json.dumps({"id": r["id"], "subset": r["subset"], "length": r["length"], "op": r["op"],
@@ -145,6 +149,27 @@ def main(cfg) -> Dict[str, Any]:
     return final
 
 
+def _llm_extracted(ev, records, replies, cache_path: Path):
+    if ev.symbolic_extractor not in ("rules", "llm"):
+        raise LlmxError(f"evaluator.symbolic_extractor={ev.symbolic_extractor!r}; valid: 'rules', 'llm'")
+    if not ev.extractor_base_url or not ev.extractor_model:
+        raise LlmxError("evaluator.symbolic_extractor=llm needs evaluator.extractor_base_url and "
+                        "evaluator.extractor_model (an OpenAI-compatible server, e.g. vLLM serving Qwen2.5-7B-Instruct)")
+    import os
+
+    from llmx.bench.backends import OpenAIBackend
+    from llmx.bench.gsm_infinite.grading import llm_extract_symbolic
+
+    items = {(r["id"], i): reply for r in records if r["subset"] == "symbolic" for i, reply in enumerate(replies[r["id"]])}
+    if not items:
+        return {}
+    extractor = OpenAIBackend(ev.extractor_base_url, ev.extractor_model, api_key=os.environ.get(ev.api_key_env),
+                              concurrency=ev.concurrency, max_retries=ev.max_retries, timeout_s=ev.timeout_s,
+                              max_tokens=2048, temperature=0.0)
+    print(f"llmx: extracting {len(items)} symbolic answers with {ev.extractor_model}", flush=True)
+    return llm_extract_symbolic(extractor, items, cache_path.with_suffix(".extract.jsonl"))
+
+
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
@@ -153,7 +178,7 @@ def _default_cache(cfg, backend, manifest) -> Path:
     key = sha256_text(json.dumps(backend.fingerprint(), sort_keys=True, default=str),
                       json.dumps({k: manifest[k] for k in ("generator", "options", "seed", "plan", "tokenizer")},
                                  sort_keys=True, default=str))[:16]
-    return Path(cfg.output_root) / "bench_cache" / f"{cfg.name}-{key}.jsonl"
+    return Path(cfg.output_root) / "bench_cache" / f"{manifest['generator']}-{key}.jsonl"
 
 
 def _progress_printer():

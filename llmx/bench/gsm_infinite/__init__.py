@@ -104,6 +104,9 @@ class GSMInfinite(BenchGenerator):
             return
         from llmx.bench.gsm_infinite.realistic import solve_realistic_with_ops
 
+        # The solver reads the problem and question fields; the model reads the prompt: they must agree.
+        if f"Problem: {record['problem']}\nQuestion: {record['question']}" not in record["prompt"]:
+            raise BenchError(f"{rid}: the prompt does not contain the problem and question that were verified")
         answer, op = solve_realistic_with_ops(record)
         if str(answer) != record["answer"] or op != record["op"]:
             raise BenchError(f"{rid}: the solver disputes the problem: it finds {answer} with op {op}, the "

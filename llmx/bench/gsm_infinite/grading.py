@@ -16,6 +16,9 @@ variable names, then compares the SET of `V\\d+` names with the answer. Here a r
 that rewriting: it takes the text after a closing </think>, then the span after the last answer marker
 ("answer:", "final answer", \\boxed{...}, "therefore", "thus", "so the variables"), else the last line
 that names a variable, and collects the V-names in it; "none"/"no variable" there is the empty set.
+`evaluator.symbolic_extractor=llm` uses the reference's method instead: an LLM served behind an
+OpenAI-compatible endpoint (the reference: Qwen2.5-7B-Instruct) rewrites each reply as a list of variables
+(`llm_extract_symbolic`), with our own wording of the extraction prompt.
 """
 
 from __future__ import annotations
@@ -134,3 +137,25 @@ def extract_symbolic(reply: str) -> Set[str]:
 
 def symbolic_correct(reply: str, answer: Sequence[str]) -> bool:
     return extract_symbolic(reply) == set(answer)
+
+
+# ---- optional: an LLM extractor for symbolic replies (the reference's way) ----------------------------------
+
+EXTRACT_PROMPT = (
+    "Below is a reply to a question asking which variables are equal to a given value. Read the reply's final "
+    "conclusion and list the variables it gives as its answer, separated by commas, and nothing else. If it "
+    "gives no variable, write NONE.\n\nReply:\n{reply}"
+)
+
+
+def llm_extract_symbolic(backend, items, cache_path):
+    """The reference's symbolic grading: an LLM rewrites each reply as a list of variables (temperature 0),
+    and the V-names in that list are the extracted set. `items` is {(problem id, sample index): reply};
+    the extractor's replies go through the same resumable cache as the model's. Returns {item key: set}."""
+    from llmx.bench.backends import GenRequest, run_with_cache
+
+    keys = {f"{pid}#{i}": (pid, i) for pid, i in items}
+    requests = [GenRequest(key=k, prompt=EXTRACT_PROMPT.format(reply=strip_thinking(items[keys[k]])), n=1)
+                for k in keys]
+    replies = run_with_cache(backend, requests, cache_path)
+    return {keys[k]: set(VAR.findall(replies[k][0])) for k in keys}
