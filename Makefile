@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.llmx-installed-$(shell cat pyproject.toml requirements.lock 2
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test test-fast bench bench-galore bench-gsm lock clean
+.PHONY: help setup run test test-fast bench bench-galore bench-gsm bench-rsparse lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +43,9 @@ bench-galore: setup  ## GaLore 2: state memory, subspace refresh, optimizer step
 
 bench-gsm: setup  ## GSM-Infinite generation speed: problems/s per subset and length, worker scaling (~3 min)
 	$(PY) scripts/bench_gsm_infinite.py
+
+bench-rsparse: setup  ## R-Sparse/TEAL decode speed of SmolLM2 on CPU (GPU: scripts/bench_rsparse_kernels.py)
+	$(PY) scripts/bench_rsparse.py
 
 lock:  ## re-pin requirements.lock from the current .venv
 	@echo "# Exact versions used by \`make setup\` (constraints for pip). Re-pin with \`make lock\`." > requirements.lock

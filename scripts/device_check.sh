@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU checks for the fused GaLore kernels, for a session that has a GPU machine (one H100: < 8 minutes).
+# GPU checks of the Triton kernels (GaLore step, R-Sparse decode), for a session that has a GPU machine
+# (one H100: < 8 minutes for both groups).
 #
 #   bash scripts/device_check.sh            # results and a log in ${OUT:-outputs/device}
 #
-# Steps: environment report; tests/test_galore_kernels.py on CUDA (interpreter off, so the CUDA-only parity
-# tests at the 7B shape run); scripts/bench_galore.py if it exists. A failing step makes the script exit
-# non-zero, but the later steps still run.
+# Steps: environment report; per group, the kernel tests on CUDA (interpreter off, so the CUDA-only parity
+# tests at the 7B shapes run) and the GPU benchmark. A failing step makes the script exit non-zero, but the
+# later steps still run.
 #
 # Nothing here needs hydra-core or omegaconf. The GPU image lacks them; if a step ever does, they travel as
 # wheels in .whl/ (see the device README): this script installs whatever .whl/ holds, with
@@ -61,16 +62,22 @@ EOF
 
 step "nvidia-smi" nvidia-smi
 step "versions" versions
-# -s shows the measured parity errors ("galore-parity ...") next to the tolerances they are held to.
-step "pytest tests/test_galore_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_galore_kernels.py
 
-if [ -f scripts/bench_galore.py ]; then
+# CHECKS picks the groups (default all): CHECKS=rsparse bash scripts/device_check.sh
+CHECKS=${CHECKS:-"galore rsparse"}
+if [[ " $CHECKS " == *" galore "* ]]; then
+  # -s shows the measured parity errors ("galore-parity ...") next to the tolerances they are held to.
+  step "pytest tests/test_galore_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_galore_kernels.py
   # svd and step only: the memory section composes recipes (Hydra) and gives the same figures on any device.
   step "bench_galore.py" timeout 200 "$PY" -P scripts/bench_galore.py --device cuda --sections svd,step --out "$OUT_DIR"
-  ls -l "$OUT_DIR"/*.json 2>/dev/null || echo "(bench_galore.py wrote no JSON into $OUT_DIR)"
-else
-  echo; echo "=== bench_galore.py: not in this checkout, skipped"
 fi
+if [[ " $CHECKS " == *" rsparse "* ]]; then
+  # "rsparse-parity ..." lines: the fused decode kernel against its fp32 reference, bf16 at the 7B shapes.
+  step "pytest tests/test_rsparse_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_rsparse_kernels.py
+  # Per-layer time against cuBLAS (CUDA graphs, rotated weights), then batch-1 decode of a 7B-shaped model.
+  step "bench_rsparse_kernels.py" timeout 240 "$PY" -P scripts/bench_rsparse_kernels.py --device cuda --out "$OUT_DIR"
+fi
+ls -l "$OUT_DIR"/*.json 2>/dev/null || echo "(no benchmark JSON in $OUT_DIR)"
 
 echo; echo "=== device_check: $([ "$status" -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED); log in $OUT_DIR"
 exit "$status"

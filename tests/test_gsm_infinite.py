@@ -18,7 +18,7 @@ from llmx.bench.gsm_infinite.grading import (
     realistic_correct,
     symbolic_correct,
 )
-from llmx.bench.gsm_infinite.symbolic import generate_symbolic, solve_symbolic
+from llmx.bench.gsm_infinite.symbolic import solve_symbolic
 from llmx.bench.metrics import auc, fit_sigmoid, pass_at_k, score
 from llmx.utils import LlmxError
 

@@ -3,9 +3,14 @@
 `base` holds the one generator interface (`BenchGenerator`, `register_bench`, `get_bench`); importing this
 package registers the built-in generators. Usable without the launcher:
 
-    from llmx.bench import get_bench, generate_dataset
-    bench = get_bench("gsm_infinite")
+    from llmx.bench import build_plan, generate_dataset, get_bench, load_bench
+    manifest = generate_dataset("gsm_infinite", build_plan(["hard"], ["0", "8k"], "2-20", 50), "out/",
+                                tokenizer_path="<tokenizer dir>", workers=8)
 """
 
-from llmx.bench.base import BENCHES, BenchError, BenchGenerator, get_bench, register_bench  # noqa: F401
-import llmx.bench.gsm_infinite  # noqa: F401,E402  (registers "gsm_infinite")
+from llmx.bench.base import BENCHES, BenchError, BenchGenerator, get_bench, register_bench
+from llmx.bench.dataset import build_plan, generate_dataset, load_bench
+import llmx.bench.gsm_infinite  # noqa: E402  (registers "gsm_infinite")
+
+__all__ = ["BENCHES", "BenchError", "BenchGenerator", "build_plan", "generate_dataset", "get_bench", "load_bench",
+           "register_bench"]

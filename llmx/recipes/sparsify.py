@@ -1,0 +1,210 @@
+"""sparsify recipe: make a pretrained model cheaper to serve without training, evaluate it, save it.
+
+    llmx run recipe=rsparse_smollm2            # R-Sparse on SmolLM2-135M at 40/50/70%, searched allocation
+    llmx run recipe=teal_smollm2               # TEAL (magnitude sparsity, greedy allocation), same levels
+    llmx run recipe=rsparse_smollm2 model=gemma3_270m
+    llmx run recipe=rsparse_llama3_8b model.path=/models/Meta-Llama-3-8B   # GPU cluster
+
+Feature -> config flag:
+    method (rsparse | teal | dense)          sparsify.method
+    model-level sparsities to evaluate       sparsify.levels=[0.4,0.5,0.7]
+    per-layer allocation                     sparsify.allocation=uniform|greedy|search, sparsify.alpha
+    which tokens are sparse                  sparsify.token_mode=all|decode|last_fraction, sparsify.token_fraction
+    calibration amount and text              sparsify.calib_sequences, data=... (its training split), data.seq_len
+    search budget                            sparsify.search.population / generations / seed
+    evaluation text                          data's validation split, sparsify.eval_sequences
+    decode speed (batch 1, PyTorch path)     sparsify.decode_tokens=64
+
+Read top to bottom: 1. model and text, 2. calibration (dense activations), 3. the dense baseline,
+4. per level: allocate, apply, evaluate (perplexity on the sparsified tokens, achieved sparsity per
+projection), save the artifact, time decoding; 5. the table. Every figure names its token mode.
+Outputs: results.md, results.json, final.json, artifacts/s<level>/ (load with llmx.sparse.artifact).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from llmx.data import build_datasets, build_tokenizer
+from llmx.models import load_pretrained
+from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, remove_sparsity, uniform_plan
+from llmx.sparse.artifact import artifact_size_bytes, save_artifact
+from llmx.sparse.evaluate import decode_speed, perplexity
+from llmx.sparse.rsparse import RSparseLinear, SVDCache
+from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def main(cfg) -> Dict[str, Any]:
+    sp = cfg.sparsify
+    run_dir = Path(cfg.run_dir)
+    method, allocation, token_mode = _value(sp.method), _value(sp.allocation), _value(sp.token_mode)
+    levels = [float(x) for x in sp.levels]
+    for level in levels:
+        if not 0.0 < level < 1.0:
+            raise LlmxError(f"sparsify.levels: {level} is not a model-level sparsity in (0, 1)")
+    if method == "teal" and allocation == "search":
+        raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
+    if method == "rsparse" and allocation == "greedy":
+        raise LlmxError("sparsify.allocation=greedy is TEAL's (alpha = 1); R-Sparse uses search or uniform")
+    torch.manual_seed(cfg.seed)
+
+    # 1. The pretrained model and text: calibration from the training split, evaluation on validation.
+    model, model_tok = load_pretrained(cfg.model)
+    model.eval().requires_grad_(False)
+    device = "cuda" if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    model.to(device)
+    tok = build_tokenizer(cfg.data, model_tokenizer=model_tok)
+    train, val = build_datasets(cfg.data, tok)
+    if len(train) < sp.calib_sequences:
+        raise LlmxError(f"sparsify.calib_sequences={sp.calib_sequences} but the training split has {len(train)} "
+                        f"sequences of {cfg.data.seq_len} tokens")
+    calib_batches = [train[i][None] for i in range(sp.calib_sequences)]
+    n_eval = len(val) if sp.eval_sequences is None else min(len(val), sp.eval_sequences)
+    eval_windows = [val[i][None] for i in range(n_eval)]
+    if not eval_windows:
+        raise LlmxError("the validation split is empty: raise data.val_fraction")
+    shapes = layer_shapes(model, list(sp.targets))
+    score_fraction = sp.token_fraction if token_mode == "last_fraction" else None
+    eval_mode = token_mode if token_mode != "decode" else "all"  # perplexity has no decode step: score all
+    print(f"llmx: {cfg.model.name}: {len(shapes)} linears; calibration {len(calib_batches)} x {cfg.data.seq_len} "
+          f"tokens, evaluation {n_eval} x {cfg.data.seq_len} tokens; tokens sparsified: {token_mode}", flush=True)
+
+    # 2. Calibration: input magnitudes of every targeted linear in the dense model.
+    t0 = time.perf_counter()
+    calib = calibrate(model, calib_batches, list(sp.targets), sp.calib_max_values, cfg.seed)
+    print(f"llmx: calibrated in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    # 3. The dense baseline on the same tokens.
+    dense = perplexity(model, eval_windows, score_fraction)
+    rows: List[Dict[str, Any]] = [{"method": "dense", "level": 0.0, "ppl": dense["ppl"], "ratio": 1.0,
+                                   "achieved": 0.0, "tokens_scored": dense["tokens"]}]
+    prompt = eval_windows[0][:, :32]
+    dense_speed = decode_speed(model, prompt, sp.decode_tokens) if sp.decode_tokens > 0 else None
+    if dense_speed:
+        rows[0]["decode_tokens_per_s"] = dense_speed["tokens_per_s"]
+    print(f"llmx: dense ppl {dense['ppl']:.3f} ({dense['tokens']} tokens scored)", flush=True)
+
+    # 4. Each level: allocate, apply, evaluate, save, time.
+    svd = SVDCache()
+    greedy_paths = None
+    for level in levels if method != "dense" else []:
+        t0 = time.perf_counter()
+        if allocation == "uniform":
+            plan = uniform_plan(shapes, level, 1.0 if method == "teal" else float(sp.alpha))
+        elif allocation == "greedy":
+            from llmx.sparse.search import plan_from_paths, teal_greedy_paths
+
+            greedy_paths = greedy_paths or teal_greedy_paths(model, calib, calib_batches)
+            plan = plan_from_paths(greedy_paths, level)
+        else:
+            plan = _searched_plan(cfg, model, calib, calib_batches, shapes, level, svd, eval_mode)
+        alloc_s = time.perf_counter() - t0
+        layers = apply_plan(model, calib, plan, token_mode=eval_mode, token_fraction=sp.token_fraction, svd=svd)
+        for layer in layers.values():
+            layer.track = True
+        result = perplexity(model, eval_windows, score_fraction)
+        achieved = _achieved(layers, shapes)
+        row = {"method": method, "level": level, "allocation": allocation, "ppl": result["ppl"],
+               "ratio": result["ppl"] / dense["ppl"], "planned": model_sparsity(shapes, plan), "achieved": achieved["model"],
+               "by_projection": achieved["by_projection"], "tokens_scored": result["tokens"],
+               "mean_alpha": sum(a for _, a in plan.values()) / len(plan), "allocation_seconds": round(alloc_s, 1),
+               "low_rank_layers": sum(1 for layer in layers.values() if layer.rank > 0)}
+        for layer in layers.values():
+            layer.track = False
+        if sp.save:
+            art = save_artifact(model, run_dir / "artifacts" / f"s{level:g}",
+                                meta={"model": cfg.model.name, "method": method, "level": level, "allocation": allocation,
+                                      "planned_sparsity": row["planned"]})
+            row["artifact"] = str(art)
+            row["artifact_bytes"] = artifact_size_bytes(art)
+        if sp.decode_tokens > 0:
+            for layer in layers.values():
+                layer.decode_layout()
+                layer.token_mode = "decode"
+            speed = decode_speed(model, prompt, sp.decode_tokens)
+            row["decode_tokens_per_s"] = speed["tokens_per_s"]
+            row["decode_speedup"] = speed["tokens_per_s"] / dense_speed["tokens_per_s"]
+        remove_sparsity(model)
+        rows.append(row)
+        print(f"llmx: {method} {level:.0%}: ppl {row['ppl']:.3f} ({row['ratio']:.3f}x dense), achieved sparsity "
+              f"{row['achieved']:.3f}, allocation {alloc_s:.0f} s", flush=True)
+
+    # 5. The table.
+    table = _table(cfg, rows, token_mode, dense["tokens"])
+    atomic_write_text(run_dir / "results.md", table)
+    atomic_write_json(run_dir / "results.json", rows)
+    final: Dict[str, Any] = {"dense_ppl": dense["ppl"], "token_mode": token_mode}
+    for row in rows[1:]:
+        final[f"ppl@{row['level']:g}"] = row["ppl"]
+        final[f"ppl_ratio@{row['level']:g}"] = row["ratio"]
+        if "decode_speedup" in row:
+            final[f"decode_speedup@{row['level']:g}"] = row["decode_speedup"]
+    atomic_write_json(run_dir / "final.json", final)
+    print(table, flush=True)
+    return final
+
+
+def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):
+    from llmx.sparse.artifact import model_fingerprint
+    from llmx.sparse.search import batches_fingerprint, cached_search, evolutionary_search, plan_from_json, plan_to_json
+
+    sp = cfg.sparsify
+    # Everything the searched plan depends on: the cache is keyed by it, so a rerun skips the search.
+    key = {"model": cfg.model.name, "weights": model_fingerprint(model), "calib": batches_fingerprint(batches),
+           "level": level, "population": sp.search.population, "generations": sp.search.generations,
+           "seed": sp.search.seed, "targets": list(sp.targets), "token_mode": eval_mode,
+           "token_fraction": sp.token_fraction, "calib_max_values": sp.calib_max_values, "version": 1}
+
+    def run():
+        plan, history = evolutionary_search(model, calib, batches, level, population=sp.search.population,
+                                            generations=sp.search.generations, seed=sp.search.seed, svd=svd,
+                                            token_mode=eval_mode, token_fraction=sp.token_fraction,
+                                            log=lambda m: print(f"search {level:.0%}: {m}", flush=True))
+        return {"plan": plan_to_json(plan), "history": history}
+
+    found = cached_search(cache_dir() / "rsparse_search", key, run)
+    return plan_from_json(found["plan"])
+
+
+def _achieved(layers: Dict[str, RSparseLinear], shapes) -> Dict[str, Any]:
+    """Measured weight-read savings on the evaluation tokens, per projection type and model-level."""
+    total = saved = 0.0
+    by_proj: Dict[str, List[float]] = {}
+    for name, layer in layers.items():
+        got = layer.achieved()
+        if got is None:
+            continue
+        size = shapes[name][0] * shapes[name][1]
+        total += size
+        saved += got * size
+        by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(got)
+    all_size = sum(i * o for i, o in shapes.values())
+    return {"model": saved / all_size if all_size else 0.0,
+            "by_projection": {p: round(sum(v) / len(v), 4) for p, v in by_proj.items()}}
+
+
+def _table(cfg, rows, token_mode: str, tokens: int) -> str:
+    lines = [f"# {cfg.name}: {cfg.model.name}", "",
+             f"Perplexity on {tokens} held-out tokens ({cfg.data.name} validation split, windows of {cfg.data.seq_len}); "
+             f"tokens sparsified: {token_mode}" + (f" (last {cfg.sparsify.token_fraction:.0%} of each window, the "
+                                                  "only tokens scored)" if token_mode == "last_fraction" else "") + ".",
+             "", "| method | target | achieved | ppl | vs dense | low-rank layers | mean alpha | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "-"
+        if "decode_speedup" in r:
+            speed += f" ({r['decode_speedup']:.2f}x)"
+        lines.append(f"| {r['method']} | {r['level']:.0%} | {r.get('achieved', 0):.3f} | {r['ppl']:.3f} | "
+                     f"{r['ratio']:.3f}x | {r.get('low_rank_layers', '-')} | "
+                     f"{r['mean_alpha']:.3f} | {speed} |" if r["method"] != "dense" else
+                     f"| dense | - | 0 | {r['ppl']:.3f} | 1.000x | - | - | {speed} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,307 @@
+"""R-Sparse: training-free rank-aware activation sparsity (Zhang, Liu, Tian, Khaitan, Wang, Li; ICLR 2025,
+arXiv 2504.19449), and TEAL-style magnitude sparsity as its alpha = 1 special case.
+
+Every targeted linear y = W x (the 7 projections of each Llama-family decoder layer) becomes
+
+    m   = 1[|x_j| * ||W[:, j]|| > t]                       (channels worth an exact column)
+    y   = W (x * m) + U_r ( S_r V_r^T (x * (1 - m)) )       (Sec. 3.3; the reference's `r_sparse` mode)
+
+with W = U S V^T its SVD. Per layer, s is the fraction of weight reads saved and alpha the share of what is
+left that goes to exact columns (the reference's `set_threshold_r_sparse`):
+
+    kept channels  k = in * (1 - s) * alpha                 -> t = quantile of |x * scale| at 1 - (1 - s) * alpha
+    rank           r = in * out * (1 - s) * (1 - alpha) / (in + out)
+
+so k * out + r * (in + out) = (1 - s) * in * out. alpha = 1 is TEAL (Liu et al., 2024): m = 1[|x_j| > t] on
+raw |x| (no column norms, no low-rank term), as the reference's `sparse` mode; alpha = 0 is low-rank only.
+
+Choices (the paper or the reference is unclear, or we fix a bug; each is a config):
+* out is the layer's own output size, so grouped-query k_proj / v_proj get their correct rank budget (the
+  reference assumes out = hidden size for every attention projection).
+* Thresholds are quantiles over a random subsample (default 65,536 values per layer) of the calibration
+  activations, all tokens x channels, as the reference's quantile over its one 512-token window;
+  calibration text and amount are config (`calibrate`).
+* Which tokens are sparse is explicit (`token_mode`): "all"; "decode" (only single-token calls, i.e. the
+  generated tokens; the prompt runs dense); "last_fraction" (the last `token_fraction` of every sequence,
+  the rest dense: the reference's evaluation, `--prefill_ratio 0.1`).
+* SVD in float64 (as the reference), factors stored in the weight's dtype.
+
+The PyTorch path serves CPUs and is the oracle of the Triton decode kernel (`llmx.kernels.rsparse_gemv`).
+For a single decoded token it reads only the active rows of W^T (`decode_layout()`), which is where the
+memory-bound speed-up comes from; for many tokens it multiplies the masked input by the dense W.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TOKEN_MODES = ("all", "decode", "last_fraction")
+Plan = Dict[str, Tuple[float, float]]  # module name -> (s, alpha)
+
+
+def find_linears(model: nn.Module, targets: Sequence[str] = TARGETS) -> Dict[str, nn.Module]:
+    """name -> module for every nn.Linear (or RSparseLinear) whose last name component is in `targets`."""
+    found = {}
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and isinstance(mod, (nn.Linear, RSparseLinear)):
+            found[name] = mod
+    return found
+
+
+def rank_for(in_features: int, out_features: int, s: float, alpha: float) -> int:
+    return int(in_features * out_features * (1.0 - s) * (1.0 - alpha) / (in_features + out_features))
+
+
+def reads_saved(in_features: int, out_features: int, active_channels: float, rank: int) -> float:
+    """Fraction of the dense layer's weight reads saved for one token."""
+    return 1.0 - (active_channels * out_features + rank * (in_features + out_features)) / (in_features * out_features)
+
+
+def model_sparsity(shapes: Mapping[str, Tuple[int, int]], plan: Plan) -> float:
+    """Model-level sparsity: weight-read savings weighted by layer size, over the targeted linears only
+    (embeddings and lm_head excluded, as the paper counts)."""
+    total = sum(i * o for i, o in shapes.values())
+    return sum(plan[n][0] * i * o for n, (i, o) in shapes.items()) / total
+
+
+def layer_shapes(model: nn.Module, targets: Sequence[str] = TARGETS) -> Dict[str, Tuple[int, int]]:
+    return {n: (m.in_features, m.out_features) for n, m in find_linears(model, targets).items()}
+
+
+# ---- calibration -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Sorted random subsamples of |x| and |x| * column-norm per linear, from the dense model's inputs."""
+
+    abs_x: Dict[str, torch.Tensor] = field(default_factory=dict)
+    abs_xs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    def threshold(self, name: str, zero_fraction: float, weighted: bool) -> float:
+        """The value below which `zero_fraction` of the calibration values of `name` lie."""
+        values = (self.abs_xs if weighted else self.abs_x)[name]
+        if zero_fraction <= 0:
+            return -1.0  # nothing below: every channel active
+        if zero_fraction >= 1:
+            return float("inf")
+        idx = min(len(values) - 1, int(zero_fraction * len(values)))
+        return float(values[idx])
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        out = {f"abs_x/{k}": v for k, v in self.abs_x.items()}
+        out.update({f"abs_xs/{k}": v for k, v in self.abs_xs.items()})
+        out["tokens"] = torch.tensor([self.tokens])
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> "Calibration":
+        cal = cls(tokens=int(sd["tokens"][0]))
+        for k, v in sd.items():
+            kind, _, name = k.partition("/")
+            if kind == "abs_x":
+                cal.abs_x[name] = v
+            elif kind == "abs_xs":
+                cal.abs_xs[name] = v
+        return cal
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], targets: Sequence[str] = TARGETS,
+              max_values: int = 1 << 16, seed: int = 0) -> Calibration:
+    """Run the dense model on `batches` (token-id tensors, B x T) and keep, per targeted linear, a uniform
+    random subsample of its input magnitudes (|x| and |x| * ||W[:, j]||), sorted for quantile lookups."""
+    linears = find_linears(model, targets)
+    if not linears:
+        raise ValueError(f"no linear layer named one of {list(targets)} in {type(model).__name__}")
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, max_values // max(1, len(batches)))
+    samples: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in linears}
+    scales = {n: m.weight.detach().float().norm(dim=0).cpu() for n, m in linears.items()}
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            idx = torch.randint(0, x.numel(), (min(per_batch, x.numel()),), generator=gen)
+            vals = x.reshape(-1)[idx].abs()
+            samples[name].append((vals, vals * scales[name][idx % x.shape[1]]))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    tokens = 0
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device))
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    cal = Calibration(tokens=tokens)
+    for n, parts in samples.items():
+        cal.abs_x[n] = torch.cat([a for a, _ in parts]).sort().values
+        cal.abs_xs[n] = torch.cat([b for _, b in parts]).sort().values
+    return cal
+
+
+# ---- the layer -------------------------------------------------------------------------------------------
+
+
+class SVDCache:
+    """Full float64 SVD of each weight, computed once and sliced to any rank (the search varies ranks)."""
+
+    def __init__(self):
+        self.factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, name: str, weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.factors:
+            u, s, vh = torch.linalg.svd(weight.detach().double().cpu(), full_matrices=False)
+            self.factors[name] = (u, s[:, None] * vh)  # U (out x k), S V^T (k x in)
+        u, svt = self.factors[name]
+        return (u[:, :rank].to(weight.dtype).to(weight.device).contiguous(),
+                svt[:rank].to(weight.dtype).to(weight.device).contiguous())
+
+
+class RSparseLinear(nn.Module):
+    """A linear layer with R-Sparse (alpha < 1) or TEAL (alpha = 1) input sparsity; see the module docstring."""
+
+    def __init__(self, linear: nn.Linear, s: float, alpha: float, threshold: float,
+                 u: Optional[torch.Tensor] = None, svt: Optional[torch.Tensor] = None,
+                 token_mode: str = "all", token_fraction: float = 0.1):
+        super().__init__()
+        if token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode={token_mode!r}; valid: {list(TOKEN_MODES)}")
+        if not 0.0 <= s < 1.0 or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"need 0 <= s < 1 and 0 <= alpha <= 1, got s={s}, alpha={alpha}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # shared with the dense model: applying and removing costs no copy
+        self.bias = linear.bias
+        self.weight_t: Optional[torch.Tensor] = None  # W^T contiguous, after decode_layout()
+        self.s, self.alpha, self.threshold = float(s), float(alpha), float(threshold)
+        self.rank = 0 if u is None else u.shape[1]
+        self.register_buffer("u", u, persistent=False)
+        self.register_buffer("svt", svt, persistent=False)
+        self.register_buffer("scale", linear.weight.detach().float().norm(dim=0).to(linear.weight.dtype),
+                             persistent=False)
+        self.token_mode, self.token_fraction = token_mode, float(token_fraction)
+        self.track = False  # count active channels (achieved sparsity on real inputs)
+        self.seen_tokens = 0
+        self.active_channels = 0.0
+
+    @property
+    def weighted(self) -> bool:
+        return self.alpha < 1.0
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, s={self.s:.3f}, alpha={self.alpha:.3f}, "
+                f"rank={self.rank}, threshold={self.threshold:.4g}, tokens={self.token_mode}")
+
+    def decode_layout(self) -> "RSparseLinear":
+        """Keep W^T contiguous (column-major W) so a single token reads only its active channels' rows."""
+        self.weight_t = self.weight.detach().t().contiguous()
+        return self
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        mag = x.abs() * self.scale if self.weighted else x.abs()
+        return mag > self.threshold
+
+    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask(x) if self.alpha > 0 else torch.zeros_like(x, dtype=torch.bool)
+        if self.track:
+            self.seen_tokens += m.numel() // m.shape[-1]
+            self.active_channels += float(m.sum())
+        if self.weight_t is not None and x.numel() == x.shape[-1]:  # one token: read only the active rows of W^T
+            # embedding_bag(sum, per-sample weights) is sum_j x_j * W^T[j, :] over the active j, computed in
+            # place from the rows (index_select then matmul would copy them first: twice the memory traffic).
+            xv = x.reshape(-1)
+            idx = m.reshape(-1).nonzero().squeeze(1)
+            y = F.embedding_bag(idx[None], self.weight_t, per_sample_weights=xv.index_select(0, idx)[None],
+                                mode="sum").reshape(*x.shape[:-1], -1)
+        elif self.alpha > 0:
+            y = F.linear(x * m, self.weight)
+        else:
+            y = x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.rank > 0:
+            y = y + F.linear(F.linear(x * ~m, self.svt), self.u)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_mode == "all" or (x.dim() >= 2 and x.shape[-2] == 1):
+            return self.sparse_forward(x)  # every token, or a single-token (decode) call
+        if self.token_mode == "decode":
+            return F.linear(x, self.weight, self.bias)  # a prompt: dense
+        # last_fraction: the first tokens dense, the last ceil(f * T) sparse (the reference's evaluation)
+        t = x.shape[-2]
+        n_sparse = max(1, math.ceil(self.token_fraction * t))
+        dense = F.linear(x[..., : t - n_sparse, :], self.weight, self.bias)
+        return torch.cat([dense, self.sparse_forward(x[..., t - n_sparse:, :])], dim=-2)
+
+    def achieved(self) -> Optional[float]:
+        """Measured fraction of weight reads saved since tracking started (None before any token)."""
+        if not self.seen_tokens:
+            return None
+        return reads_saved(self.in_features, self.out_features, self.active_channels / self.seen_tokens, self.rank)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_plan(model: nn.Module, calib: Calibration, plan: Plan, *, token_mode: str = "all",
+               token_fraction: float = 0.1, svd: Optional[SVDCache] = None) -> Dict[str, RSparseLinear]:
+    """Replace every linear named in `plan` by an RSparseLinear with its (s, alpha); returns them.
+    Layers already replaced are rebuilt from their dense weight. s = 0 keeps a layer dense."""
+    svd = svd or SVDCache()
+    linears = find_linears(model, {n.rsplit(".", 1)[-1] for n in plan})
+    missing = sorted(set(plan) - set(linears))
+    if missing:
+        raise ValueError(f"plan names layers the model does not have: {missing[:5]}")
+    out = {}
+    for name, (s, alpha) in plan.items():
+        mod = linears[name]
+        dense = mod if isinstance(mod, nn.Linear) else _as_linear(mod)
+        if s <= 0:
+            _set_module(model, name, dense)
+            continue
+        r = rank_for(dense.in_features, dense.out_features, s, alpha)
+        u, svt = svd.get(name, dense.weight, r) if r > 0 else (None, None)
+        zero = 1.0 - (1.0 - s) * alpha
+        t = calib.threshold(name, zero, weighted=alpha < 1.0)
+        layer = RSparseLinear(dense, s, alpha, t, u, svt, token_mode, token_fraction)
+        _set_module(model, name, layer)
+        out[name] = layer
+    return out
+
+
+def _as_linear(mod: RSparseLinear) -> nn.Linear:
+    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+    lin.weight = mod.weight
+    if mod.bias is not None:
+        lin.bias = mod.bias
+    return lin
+
+
+def remove_sparsity(model: nn.Module) -> int:
+    """Put the dense linears back (the weights were shared, nothing is copied); returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, RSparseLinear)]
+    for n in names:
+        _set_module(model, n, _as_linear(model.get_submodule(n)))
+    return len(names)
+
+
+def uniform_plan(shapes: Mapping[str, Tuple[int, int]], s: float, alpha: float) -> Plan:
+    return {n: (s, alpha) for n in shapes}
+
+
+def perturbed_seed(seed: int, *parts: object) -> int:
+    return random.Random(f"{seed}|" + "|".join(map(str, parts))).getrandbits(63)
