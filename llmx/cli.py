@@ -157,8 +157,12 @@ def list_cmd():
     from llmx.config.compose import list_recipes
 
     table = Table(title="llmx recipes (llmx run recipe=<name>)")
-    for col in ("recipe", "kind", "paper", "description", "CPU"):
-        table.add_column(col)
+    # Names are copied into commands: they never wrap; paper and description wrap into what width is left.
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("paper", ratio=1)
+    table.add_column("description", ratio=3, min_width=8)
+    table.add_column("CPU", no_wrap=True)
     for r in list_recipes():
         table.add_row(r["name"], str(r["kind"]), r.get("paper") or "-", r.get("description") or "", "yes" if r.get("fits_cpu") else "no")
     Console().print(table)
