@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.llmx-installed-$(shell cat pyproject.toml requirements.lock 2
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test test-fast bench bench-galore bench-gsm bench-rsparse lock clean
+.PHONY: help setup run test test-fast bench bench-galore bench-gsm bench-rsparse bench-merge lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,9 @@ bench-gsm: setup  ## GSM-Infinite generation speed: problems/s per subset and le
 
 bench-rsparse: setup  ## R-Sparse/TEAL decode speed of SmolLM2 on CPU (GPU: scripts/bench_rsparse_kernels.py)
 	$(PY) scripts/bench_rsparse.py
+
+bench-merge: setup  ## ParamΔ merge of 3 x 2 GB checkpoints: GB/s and peak RSS (MERGEKIT_PYTHON=... to compare)
+	$(PY) scripts/bench_merge.py $(if $(MERGEKIT_PYTHON),--mergekit-python $(MERGEKIT_PYTHON),)
 
 lock:  ## re-pin requirements.lock from the current .venv
 	@echo "# Exact versions used by \`make setup\` (constraints for pip). Re-pin with \`make lock\`." > requirements.lock

@@ -61,19 +61,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-# Read once: @triton.jit below binds to the interpreter only if the variable was set before this import.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference path needs no Triton
-    triton = None
+from ._common import INTERPRET as _INTERPRET
+from ._common import tl, triton, triton_available
 
 __all__ = ["galore_adam_step_reference", "galore_adam_step_fused", "fused_available", "PRECISIONS"]
 
@@ -163,12 +156,7 @@ def galore_adam_step_reference(param, grad, basis, side, exp_avg, exp_avg_sq, *,
 
 def fused_available(device) -> bool:
     """Whether galore_adam_step_fused can run on ``device``: CUDA with Triton, or CPU in the interpreter."""
-    if triton is None:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return _INTERPRET and device.type == "cpu"
+    return triton_available(device)
 
 
 if triton is not None:

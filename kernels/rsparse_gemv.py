@@ -72,20 +72,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass, replace
 
 import torch
 
-# Read once: @triton.jit below binds to the interpreter only if the variable was set before this import.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference path needs no Triton
-    triton = None
+from ._common import INTERPRET as _INTERPRET
+from ._common import tl, triton, triton_available
 
 __all__ = ["rsparse_reference", "rsparse_gemv", "rsparse_available", "rsparse_allocation", "calibrate_threshold",
            "prepare_rsparse_weight", "REDUCTIONS", "MAX_ROWS"]
@@ -229,12 +222,7 @@ def rsparse_reference(x, wt, scale, threshold, u=None, vs=None):
 
 def rsparse_available(device) -> bool:
     """Whether rsparse_gemv can run on ``device``: CUDA with Triton, or CPU in the interpreter."""
-    if triton is None:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return _INTERPRET and device.type == "cpu"
+    return triton_available(device)
 
 
 if triton is not None:

@@ -52,12 +52,13 @@ def load_kernels():
     try:
         import llmx.kernels.rsparse_gemv as mod
         return mod
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("rsparse_gemv", REPO / "kernels" / "rsparse_gemv.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["rsparse_gemv"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    except ImportError:  # llmx not installed (a bare GPU image): load kernels/ as a package of its own
+        spec = importlib.util.spec_from_file_location("llmx_kernels", REPO / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "kernels")])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["llmx_kernels"] = pkg
+        spec.loader.exec_module(pkg)
+        return importlib.import_module("llmx_kernels.rsparse_gemv")
 
 
 rs = load_kernels()

@@ -218,3 +218,28 @@ def test_sparsify_recipe_on_smollm2(tmp_path):
     assert art["model"] == "smollm2_135m" and len(art["layers"]) == 210
     assert "tokens sparsified: all" in (run / "results.md").read_text()
     assert "rsparse 50%" in proc.stdout
+
+
+@pytest.mark.slow
+def test_greedy_paths_are_cached_and_seed_the_rsparse_search(tmp_path):
+    """teal_smollm2 computes TEAL's greedy paths once; rsparse_smollm2 (search.init_greedy) reads them from the
+    cache and seeds the search with the greedy plan at the level; the searched plan keeps the budget."""
+    env = {"LLMX_CACHE": str(tmp_path / "cache")}
+    common = [f"output_root={tmp_path}", "sparsify.levels=[0.5]", "sparsify.calib_sequences=2",
+              "sparsify.eval_sequences=2", "sparsify.decode_tokens=0", "sparsify.save=false", "data.seq_len=32",
+              "sparsify.greedy_step=0.6"]
+    teal = run_llmx(["run", "recipe=teal_smollm2", *common], cwd=tmp_path, env=env, check=True, timeout=900)
+    assert "teal greedy model.layers.29:" in teal.stdout
+    assert len(list((tmp_path / "cache" / "teal_greedy").glob("*.json"))) == 1
+    bad = run_llmx(["run", "recipe=teal_smollm2", *common, "sparsify.greedy_step=1.5"], cwd=tmp_path, env=env)
+    assert bad.returncode != 0 and "sparsify.greedy_step: 1.5" in bad.stderr + bad.stdout
+    rs = run_llmx(["run", "recipe=rsparse_smollm2", *common, "sparsify.search.population=3",
+                   "sparsify.search.generations=1"], cwd=tmp_path, env=env, check=True, timeout=900)
+    assert "teal greedy" not in rs.stdout  # the paths came from the cache
+    (found,) = (tmp_path / "cache" / "rsparse_search").glob("*.json")
+    record = json.loads(found.read_text())
+    init = record["key"]["init"]
+    assert init is not None and all(a == 1.0 for _, a in init.values())
+    rows = json.loads(next((tmp_path / "rsparse_smollm2").iterdir()).joinpath("results.json").read_text())
+    assert rows[1]["planned"] == pytest.approx(0.5, abs=1e-6)
+    assert len(record["result"]["history"]) == 1

@@ -316,3 +316,24 @@ def test_cached_search_skips_fn_on_second_call(tmp_path, tiny):
     (tmp_path / f"{name}.json").write_text("{not json")
     assert cached_search(tmp_path, key, fn) == first and len(calls) == 3
     assert batches_fingerprint(batches) != batches_fingerprint([batches[0]])
+
+
+def test_block_paths_survive_the_sorted_json_cache(tmp_path):
+    """The rows of `s` follow the order of `names`; the cache writes JSON with sorted keys, so a cache hit must
+    still give every module its own sparsity (a hit once gave q_proj's value to down_proj)."""
+    names = {"q_proj": "l.q_proj", "k_proj": "l.k_proj", "down_proj": "l.down_proj"}
+    path = BlockPath("l", names, {"q_proj": 4, "k_proj": 2, "down_proj": 8}, [0.0, 0.3], [0.0, 1.0],
+                     [[0.0, 0.0, 0.0], [0.5, 0.2, 0.15]])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return [path.to_dict()]
+
+    miss = BlockPath.from_dict(cached_search(tmp_path, {"k": 1}, fn)[0])
+    hit = BlockPath.from_dict(cached_search(tmp_path, {"k": 1}, fn)[0])
+    assert len(calls) == 1
+    want = {"l.q_proj": (0.5, 1.0), "l.k_proj": (0.2, 1.0), "l.down_proj": (0.15, 1.0)}
+    assert miss.plan_at(1) == want and hit.plan_at(1) == want
+    with pytest.raises(ValueError, match="pairs"):
+        BlockPath.from_dict({**path.to_dict(), "names": names})

@@ -329,6 +329,7 @@ class SearchConfig:
     population: int = 8
     generations: int = 6
     seed: int = 0
+    init_greedy: bool = False  # seed the population with TEAL's greedy plan (its paths are cached and shared)
 
 
 @dataclass
@@ -349,6 +350,93 @@ class SparsifyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     save: bool = True  # write the artifact (thresholds, ranks, factors) per level
     decode_tokens: int = 0  # > 0: also time batch-1 greedy decoding of this many tokens, dense vs sparse
+    greedy_step: float = 0.05  # TEAL greedy: one move raises a projection by greedy_step x (q_proj size / its size)
+
+
+class MergeMethod(str, Enum):
+    paramdelta = "paramdelta"  # ParamΔ: new_base + scale * (post - base)
+    task_arithmetic = "task_arithmetic"  # base + sum_i weight_i * (model_i - base)
+    linear = "linear"  # sum_i weight_i * model_i (weights normalized unless params.normalize=false)
+    ties = "ties"  # TIES: trim each delta to its top density, elect signs, average the agreeing entries
+    dare_linear = "dare_linear"  # DARE: drop delta entries with probability 1 - density, rescale, add
+    dare_ties = "dare_ties"  # DARE's drop-and-rescale, then TIES's sign election
+
+
+class VocabPolicy(str, Enum):
+    error = "error"  # a vocabulary-size mismatch between the inputs is an error
+    post = "post"  # embedding/output rows beyond the shared vocabulary come from the post-trained model
+    new_base = "new_base"  # ... from the new base
+
+
+class MergeDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+
+
+@dataclass
+class MergeModelConfig:
+    path: str = MISSING  # a Hugging Face directory (safetensors) or hub id
+    weight: float = 1.0
+
+
+@dataclass
+class DemoStageConfig:
+    """One training stage of the merge recipe's ParamΔ demonstration (paramdelta_tiny). The trainer,
+    optimizer and data groups give everything else (batch size, seq_len, schedule, evaluation)."""
+
+    max_steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    # A registered synthetic generator (llmx.data.synthetic): the stage's data; for pretrain, documents added
+    # to the data group's (together: corpus A; null: the data group alone).
+    generator: Optional[str] = None
+    generator_args: Dict[str, Any] = field(default_factory=dict)
+    # Share of the stage's training sequences drawn from corpus A, as continued pretraining and post-training
+    # mix general text back in to limit forgetting; 0: the stage's data only.
+    replay: float = 0.0
+
+
+@dataclass
+class ParamDeltaDemoConfig:
+    """The stages of a self-contained ParamΔ demonstration: pretrain a base on the data group (corpus A),
+    post-train it on a task, continue pretraining the base on corpus B, merge, evaluate all four."""
+
+    pretrain: DemoStageConfig = field(default_factory=DemoStageConfig)
+    post_train: DemoStageConfig = field(default_factory=lambda: DemoStageConfig(generator="arithmetic"))
+    continue_pretrain: DemoStageConfig = field(default_factory=lambda: DemoStageConfig(generator="facts"))
+    answer_only_loss: bool = True  # post-training loss on answer tokens only (false: on every token)
+    eval_questions: int = 200  # held-out task questions (never in the post-training data), greedy exact match
+    max_answer_tokens: int = 8
+    eval_sequences: int = 64  # held-out blocks of corpus A and corpus B for the loss columns
+
+
+@dataclass
+class MergeConfig:
+    """What a merge recipe merges and how (conf/merge/). Inputs are Hugging Face directories (or hub ids)."""
+
+    method: MergeMethod = MergeMethod.paramdelta
+    # paramdelta: new_base + scale * (post - base)
+    post: Optional[str] = None
+    base: Optional[str] = None  # also the base of task_arithmetic / ties / dare
+    new_base: Optional[str] = None
+    scale: float = 1.0
+    # the other methods: the models and their weights
+    models: List[MergeModelConfig] = field(default_factory=list)
+    params: Dict[str, Any] = field(default_factory=dict)  # method parameters (density, lambda, normalize, ...)
+    config_from: Optional[str] = None  # null: the method's default (paramdelta: new_base)
+    tokenizer_from: Optional[str] = None  # null: the method's default (paramdelta: post)
+    include: List[str] = field(default_factory=list)  # tensor-name patterns merged (empty: all) ...
+    exclude: List[str] = field(default_factory=list)  # ... minus these (copied: from new_base / the base)
+    vocab_policy: VocabPolicy = VocabPolicy.error
+    dtype: Optional[MergeDtype] = None  # saved dtype; null: the inputs' dtype
+    compute_dtype: MergeDtype = MergeDtype.float32
+    shard_size: str = "5GB"  # largest output shard
+    allow_pickle: bool = False  # load .bin/.pt weights (with weights_only=True) when no safetensors exist
+    out_dir: Optional[str] = None  # null: <run_dir>/merged
+    overwrite: bool = False  # replace an existing out_dir (only once the new output is complete)
+    demo: Optional[ParamDeltaDemoConfig] = None  # set: train the inputs first (paramdelta_tiny)
 
 
 @dataclass
@@ -374,6 +462,7 @@ class LlmxConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

@@ -12,6 +12,8 @@ Feature -> config flag:
     which tokens are sparse                  sparsify.token_mode=all|decode|last_fraction, sparsify.token_fraction
     calibration amount and text              sparsify.calib_sequences, data=... (its training split), data.seq_len
     search budget                            sparsify.search.population / generations / seed
+    search seeded by TEAL's greedy plan      sparsify.search.init_greedy=true (paths cached, shared with TEAL)
+    TEAL greedy step (cost vs resolution)    sparsify.greedy_step
     evaluation text                          data's validation split, sparsify.eval_sequences
     decode speed (batch 1, PyTorch path)     sparsify.decode_tokens=64
 
@@ -54,6 +56,8 @@ def main(cfg) -> Dict[str, Any]:
         raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
     if method == "rsparse" and allocation == "greedy":
         raise LlmxError("sparsify.allocation=greedy is TEAL's (alpha = 1); R-Sparse uses search or uniform")
+    if not 0.0 < sp.greedy_step < 1.0:
+        raise LlmxError(f"sparsify.greedy_step: {sp.greedy_step} is not a step in (0, 1)")
     torch.manual_seed(cfg.seed)
 
     # 1. The pretrained model and text: calibration from the training split, evaluation on validation.
@@ -94,16 +98,14 @@ def main(cfg) -> Dict[str, Any]:
 
     # 4. Each level: allocate, apply, evaluate, save, time.
     svd = SVDCache()
-    greedy_paths = None
     for level in levels if method != "dense" else []:
         t0 = time.perf_counter()
         if allocation == "uniform":
             plan = uniform_plan(shapes, level, 1.0 if method == "teal" else float(sp.alpha))
         elif allocation == "greedy":
-            from llmx.sparse.search import plan_from_paths, teal_greedy_paths
+            from llmx.sparse.search import plan_from_paths
 
-            greedy_paths = greedy_paths or teal_greedy_paths(model, calib, calib_batches)
-            plan = plan_from_paths(greedy_paths, level)
+            plan = plan_from_paths(_greedy_paths(cfg, model, calib, calib_batches), level)
         else:
             plan = _searched_plan(cfg, model, calib, calib_batches, shapes, level, svd, eval_mode)
         alloc_s = time.perf_counter() - t0
@@ -152,20 +154,50 @@ def main(cfg) -> Dict[str, Any]:
     return final
 
 
-def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):
+_GREEDY: Dict[str, Any] = {}  # paths of this process's model, so several levels share one greedy pass
+
+
+def _greedy_paths(cfg, model, calib, batches):
+    """TEAL's greedy paths for every block (one pass serves every level), cached on disk: the TEAL run
+    and the R-Sparse search seeded by it share them."""
     from llmx.sparse.artifact import model_fingerprint
-    from llmx.sparse.search import batches_fingerprint, cached_search, evolutionary_search, plan_from_json, plan_to_json
+    from llmx.sparse.search import BlockPath, batches_fingerprint, cached_search, teal_greedy_paths
 
     sp = cfg.sparsify
+    key = {"model": cfg.model.name, "weights": model_fingerprint(model), "calib": batches_fingerprint(batches),
+           "step": sp.greedy_step, "targets": list(sp.targets), "calib_max_values": sp.calib_max_values,
+           "seed": cfg.seed, "version": 2}
+    memo = str(sorted(key.items()))
+    if memo not in _GREEDY:
+        def run():
+            t0 = time.perf_counter()
+            paths = teal_greedy_paths(model, calib, batches, step=sp.greedy_step,
+                                      log=lambda m: print(f"{m} ({time.perf_counter() - t0:.0f} s)", flush=True))
+            return [p.to_dict() for p in paths]
+
+        _GREEDY.clear()
+        _GREEDY[memo] = [BlockPath.from_dict(d) for d in cached_search(cache_dir() / "teal_greedy", key, run)]
+    return _GREEDY[memo]
+
+
+def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):
+    from llmx.sparse.artifact import model_fingerprint
+    from llmx.sparse.search import (batches_fingerprint, cached_search, evolutionary_search, plan_from_json,
+                                    plan_from_paths, plan_to_json)
+
+    sp = cfg.sparsify
+    init = plan_from_paths(_greedy_paths(cfg, model, calib, batches), level) if sp.search.init_greedy else None
     # Everything the searched plan depends on: the cache is keyed by it, so a rerun skips the search.
     key = {"model": cfg.model.name, "weights": model_fingerprint(model), "calib": batches_fingerprint(batches),
            "level": level, "population": sp.search.population, "generations": sp.search.generations,
            "seed": sp.search.seed, "targets": list(sp.targets), "token_mode": eval_mode,
-           "token_fraction": sp.token_fraction, "calib_max_values": sp.calib_max_values, "version": 1}
+           "token_fraction": sp.token_fraction, "calib_max_values": sp.calib_max_values, "version": 3,
+           "init": plan_to_json(init) if init else None}
 
     def run():
         plan, history = evolutionary_search(model, calib, batches, level, population=sp.search.population,
                                             generations=sp.search.generations, seed=sp.search.seed, svd=svd,
+                                            init=init,
                                             token_mode=eval_mode, token_fraction=sp.token_fraction,
                                             log=lambda m: print(f"search {level:.0%}: {m}", flush=True))
         return {"plan": plan_to_json(plan), "history": history}

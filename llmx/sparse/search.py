@@ -342,12 +342,17 @@ class BlockPath:
         return min(range(len(self.sparsity)), key=lambda i: (abs(self.sparsity[i] - target), i))
 
     def to_dict(self) -> dict:
-        return {"prefix": self.prefix, "names": self.names, "sizes": self.sizes, "sparsity": self.sparsity,
-                "error": self.error, "s": self.s}
+        # names as [projection, module] pairs: the rows of `s` follow their order, which a JSON object written
+        # with sorted keys (atomic_write_json) would not keep.
+        return {"prefix": self.prefix, "names": [[p, n] for p, n in self.names.items()], "sizes": self.sizes,
+                "sparsity": self.sparsity, "error": self.error, "s": self.s}
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockPath":
-        return cls(d["prefix"], dict(d["names"]), {k: int(v) for k, v in d["sizes"].items()},
+        if isinstance(d["names"], dict):
+            raise ValueError("BlockPath.from_dict: 'names' must be a list of [projection, module] pairs (the order "
+                             "of the columns of 's'); a mapping loses that order in sorted JSON")
+        return cls(d["prefix"], {p: n for p, n in d["names"]}, {k: int(v) for k, v in d["sizes"].items()},
                    list(d["sparsity"]), list(d["error"]), [list(x) for x in d["s"]])
 
 
@@ -783,6 +788,6 @@ def cached_search(cache_dir: Union[str, Path], key_parts: Dict[str, Any], fn: Ca
                 return stored["result"]
         except (OSError, ValueError, KeyError, AttributeError):
             pass  # unreadable or foreign: recompute and overwrite
-    result = json.loads(json.dumps(fn(), default=str))
-    atomic_write_json(path, {"key": json.loads(key), "result": result})
-    return result
+    atomic_write_json(path, {"key": json.loads(key), "result": fn()})
+    # Return what was written, read back: a hit then sees exactly what this miss sees (key order included).
+    return json.loads(path.read_text())["result"]

@@ -1,0 +1,663 @@
+"""llmx.merge: ParamΔ and weight-space merging, streamed tensor by tensor.
+
+Expected values are computed here independently: in float64 from the inputs' state dicts (read back with
+the safetensors library, not with llmx's reader), and TIES with a sort-based reference written in this
+file. Models are tiny (Llama with vocab 64, hidden 32, 2 layers; a few KB per tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from llmx.merge import MergeError, load_manifest, merge, paramdelta
+from llmx.merge import methods as M
+from llmx.merge.io import parse_size
+
+BF16_REL = 2.0**-8  # bf16 keeps 8 significant bits: rounding error <= half an ulp = 2^-8 relative
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def llama_config(**kw):
+    from transformers import LlamaConfig
+
+    args = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    args.update(kw)
+    return LlamaConfig(**args)
+
+
+def make_llama(path: Path, seed: int, *, dtype=torch.bfloat16, shard=None, **cfg_kw) -> Path:
+    """A random tiny LlamaForCausalLM saved with save_pretrained (safetensors; shards when `shard`)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(**cfg_kw)).to(dtype)
+    with torch.no_grad():  # norms are ones at init: make them differ between models
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, max_shard_size=shard or "5GB")
+    return path
+
+
+def write_ckpt(path: Path, tensors: dict, config: dict | None = None, shards: int = 1) -> Path:
+    """A checkpoint written with the safetensors library (one file, or `shards` files and an index)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama", "hidden_size": 8}))
+    names = list(tensors)
+    if shards == 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return path
+    wm = {}
+    for k in range(shards):
+        part = names[k::shards]
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(path / fname), metadata={"format": "pt"})
+        wm.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": wm}))
+    return path
+
+
+def load_dir(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def rand_tensors(seed: int, n: int = 4, shape=(16, 8), dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layers.{i}.weight": torch.randn(shape, generator=g).to(dtype) for i in range(n)}
+
+
+def assert_bf16_close(out: torch.Tensor, ref64: torch.Tensor):
+    assert out.dtype == torch.bfloat16
+    err = (out.double() - ref64).abs()
+    tol = ref64.abs() * BF16_REL * 1.001 + 1e-6 * ref64.abs().max()  # bf16 rounding + fp32 arithmetic
+    assert bool((err <= tol).all()), f"max err {err.max().item()}"
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """post (sharded), base, new_base: tiny bf16 Llamas."""
+    root = tmp_path_factory.mktemp("llamas")
+    post = make_llama(root / "post", 1, shard="20KB")
+    base = make_llama(root / "base", 2)
+    new = make_llama(root / "new", 3, max_position_embeddings=128, rope_theta=50000.0)
+    (post / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ post }}"}))
+    (post / "chat_template.jinja").write_text("{{ post template }}")
+    (new / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ new_base }}"}))
+    return post, base, new
+
+
+# ------------------------------------------------------------------------------------------------ ParamΔ
+
+
+def test_paramdelta_equals_float64_formula_and_takes_config_and_tokenizer(llamas, tmp_path):
+    post, base, new = llamas
+    out = paramdelta(post, base, new, tmp_path / "out", scale=0.75)
+    P, B, N, O = load_dir(post), load_dir(base), load_dir(new), load_dir(out)
+    assert set(O) == set(N) and len(O) == 21
+    for name in O:
+        ref = N[name].double() + 0.75 * (P[name].double() - B[name].double())
+        assert_bf16_close(O[name], ref)
+    assert (out / "config.json").read_text() == (new / "config.json").read_text()  # unchanged: same vocab, dtype
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
+    assert (out / "chat_template.jinja").read_text() == "{{ post template }}"
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "{{ post }}"
+    assert (out / "generation_config.json").read_text() == (post / "generation_config.json").read_text()
+    m = load_manifest(out)
+    assert m["method"] == "paramdelta" and m["params"] == {"scale": 0.75}
+    assert [i["role"] for i in m["inputs"]] == ["post", "base", "new_base"]
+    assert m["dtypes"]["output"] == {"bfloat16": 21} and m["dtypes"]["compute"] == "float32"
+    assert m["tensors"]["total"] == m["tensors"]["merged"] == 21
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_paramdelta_fp32_output_dtype_and_float32_inputs(tmp_path):
+    def tensors(seed):  # also a float scalar, an empty matrix and an integer buffer (copied from the donor)
+        return {**rand_tensors(seed), "scale": torch.tensor(float(seed)), "empty.weight": torch.zeros(0, 8),
+                "step": torch.tensor([seed, 7])}
+
+    ins = {r: write_ckpt(tmp_path / r, tensors(s)) for r, s in (("post", 1), ("base", 2), ("new", 3))}
+    out = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "out", chunk_bytes=64)
+    P, B, N, O = (load_dir(ins["post"]), load_dir(ins["base"]), load_dir(ins["new"]), load_dir(out))
+    assert torch.equal(O["step"], torch.tensor([3, 7])) and O["empty.weight"].shape == (0, 8)
+    assert O["scale"].item() == 3.0 + 1.0 - 2.0
+    for name in rand_tensors(0):
+        ref = N[name].double() + (P[name].double() - B[name].double())
+        assert O[name].dtype == torch.float32
+        torch.testing.assert_close(O[name].double(), ref, rtol=1e-6, atol=1e-6)
+    assert load_manifest(out)["tensors"]["copied_not_float"] == 1
+    out16 = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "out16", dtype=torch.bfloat16)
+    O16 = load_dir(out16)
+    assert O16["step"].dtype == torch.int64  # dtype= applies to floating-point tensors only
+    for name in rand_tensors(0):
+        assert_bf16_close(O16[name], N[name].double() + (P[name].double() - B[name].double()))
+    assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_sharded_round_trip_and_index(llamas, tmp_path):
+    post, _, _ = llamas
+    # A linear "merge" of one model with weight 1 is the identity: the output must equal the input bit for bit.
+    out = merge("linear", tmp_path / "out", models=[(post, 1.0)], shard_size="10KB")
+    P, O = load_dir(post), load_dir(out)
+    assert set(P) == set(O)
+    for n in P:
+        assert O[n].dtype == P[n].dtype and torch.equal(O[n], P[n])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(f.name for f in out.glob("*.safetensors"))
+    k = len(files)
+    assert k >= 3 and files == [f"model-{i:05d}-of-{k:05d}.safetensors" for i in range(1, k + 1)]
+    assert set(index["weight_map"]) == set(P) and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in P.values())
+    for f in files:  # every shard is within the limit, or holds one tensor bigger than it
+        with safe_open(str(out / f), "pt") as h:
+            keys = list(h.keys())
+            size = sum(h.get_tensor(n).numel() * 2 for n in keys)
+        assert size <= 10_000 or len(keys) == 1
+        assert [n for n, v in index["weight_map"].items() if v == f] and set(keys) == {
+            n for n, v in index["weight_map"].items() if v == f}
+    # ... and an unsharded output has no index
+    single = merge("linear", tmp_path / "single", models=[(post, 1.0)])
+    assert [f.name for f in single.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (single / "model.safetensors.index.json").exists()
+
+
+def test_transformers_loads_output_and_logits_match_expected_state_dict(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    ins = {r: make_llama(tmp_path / r, s, dtype=torch.float32) for r, s in (("post", 11), ("base", 12), ("new", 13))}
+    out = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "out", shard_size="30KB")
+    assert len(list(out.glob("*.safetensors"))) > 1
+    sds = {r: load_dir(p) for r, p in ins.items()}
+    expected = {n: (sds["new"][n].double() + sds["post"][n].double() - sds["base"][n].double()).float()
+                for n in sds["new"]}
+    ref = LlamaForCausalLM(llama_config())
+    ref.load_state_dict(expected)
+    got = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(x).logits, ref.eval()(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_all_tied_and_mixed(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    tied = {r: make_llama(tmp_path / r, s, dtype=torch.float32, tie_word_embeddings=True)
+            for r, s in (("post", 21), ("base", 22), ("new", 23))}
+    assert "lm_head.weight" not in load_dir(tied["post"])
+    out = paramdelta(tied["post"], tied["base"], tied["new"], tmp_path / "all_tied")
+    assert "lm_head.weight" not in load_dir(out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert load_manifest(out)["tied_embeddings"]["inputs_tied"] == ["base", "new_base", "post"]
+
+    # Mixed: post untied, base and new_base tied. Each tied model's head is its embedding.
+    post = make_llama(tmp_path / "post_untied", 24, dtype=torch.float32)
+    out = paramdelta(post, tied["base"], tied["new"], tmp_path / "mixed")
+    O, P, B, N = load_dir(out), load_dir(post), load_dir(tied["base"]), load_dir(tied["new"])
+    e = "model.embed_tokens.weight"
+    want_head = N[e].double() + P["lm_head.weight"].double() - B[e].double()
+    torch.testing.assert_close(O["lm_head.weight"].double(), want_head, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(O[e].double(), N[e].double() + P[e].double() - B[e].double(), rtol=1e-6, atol=1e-6)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    m = load_manifest(out)
+    assert m["tied_embeddings"]["inputs_tied"] == ["base", "new_base"] and "untied" in m["tied_embeddings"]["output"]
+    got = AutoModelForCausalLM.from_pretrained(out)
+    ref = LlamaForCausalLM(llama_config(tie_word_embeddings=False))
+    ref.load_state_dict({n: (N[n] if n in N else N[e]).double().add(
+        (P[n].double() - (B[n] if n in B else B[e]).double())).float() for n in P})
+    x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(got(x).logits, ref.eval()(x).logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def test_validation_lists_every_mismatch_and_writes_nothing(tmp_path):
+    t = rand_tensors(0, n=4)
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 4, "rope_theta": 1.0}
+    base = write_ckpt(tmp_path / "base", t, cfg)
+    post_t = dict(t)
+    post_t["layers.1.weight"] = torch.randn(16, 9)  # shape
+    post_t["layers.2.weight"] = t["layers.2.weight"].to(torch.float16)  # dtype
+    post_t["extra.weight"] = torch.randn(2)  # a tensor the others lack
+    post = write_ckpt(tmp_path / "post", post_t, {**cfg, "rope_theta": 2.0})  # rope_theta may differ
+    new_t = {k: v for k, v in t.items() if k != "layers.3.weight"}  # missing a tensor
+    new = write_ckpt(tmp_path / "new", new_t, {**cfg, "num_hidden_layers": 5, "model_type": "mistral"})
+    with pytest.raises(MergeError) as ei:
+        paramdelta(post, base, new, tmp_path / "out", include=["nomatch.*"])
+    msg, problems = str(ei.value), ei.value.problems
+    assert "nothing was written" in msg
+    assert "num_hidden_layers: new_base=5, post=4" in msg and "model_type" in msg and "rope_theta" not in msg
+    assert "layers.3.weight" in msg  # base and post have it, new_base does not
+    assert "extra.weight" in msg
+    assert "layers.1.weight: shape [16, 8] in new_base, [16, 9] in post" in msg
+    assert "layers.2.weight: dtype float32 in new_base, float16 in post" in msg
+    assert "include pattern 'nomatch.*' matches no tensor" in msg
+    assert len(problems) >= 7
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_inputs_give_clear_errors(llamas, tmp_path):
+    post, base, new = llamas
+    import shutil
+
+    def err(*a, **kw) -> str:
+        with pytest.raises(MergeError) as ei:
+            paramdelta(*a, **kw)
+        assert not (tmp_path / "o").exists()
+        return str(ei.value)
+
+    # a missing shard
+    broken = tmp_path / "broken"
+    shutil.copytree(post, broken)
+    (broken / "model-00002-of-00002.safetensors").unlink()
+    msg = err(broken, base, new, tmp_path / "o")
+    assert str(broken) in msg and "missing: model-00002-of-00002.safetensors" in msg
+    # a truncated file (an interrupted download): caught from the header before any tensor is read
+    trunc = tmp_path / "trunc"
+    shutil.copytree(base, trunc)
+    f = trunc / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 10)
+    msg = err(post, trunc, new, tmp_path / "o")
+    assert "truncated" in msg and str(f) in msg
+    # a header that is garbage
+    garbage = tmp_path / "garbage"
+    shutil.copytree(base, garbage)
+    (garbage / "model.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    assert "header length" in err(post, garbage, new, tmp_path / "o")
+    # no weights, a file instead of a directory, a path that does not exist: each named, with what is valid
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    msg = err(post, base, empty, tmp_path / "o")
+    assert f"new_base ({empty}): no model weights" in msg and "model.safetensors" in msg
+    msg = err(post, base, tmp_path / "nope", tmp_path / "o")
+    assert "no such directory" in msg and str(tmp_path / "nope") in msg
+    msg = err(post, f, new, tmp_path / "o")
+    assert "not a directory" in msg
+    # several bad inputs at once: one error, all of them
+    msg = err(broken, trunc, tmp_path / "nope", tmp_path / "o")
+    assert "missing: model-00002" in msg and "truncated" in msg and "no such directory" in msg
+
+
+class NotATensor:
+    pass
+
+
+def test_pickle_weights_refused_unless_allowed(llamas, tmp_path):
+    post, base, new = llamas
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "config.json").write_text((base / "config.json").read_text())
+    torch.save(load_dir(base), pk / "pytorch_model.bin")
+    with pytest.raises(MergeError, match=r"pickle weights \(pytorch_model.bin\).*allow_pickle=True"):
+        paramdelta(post, pk, new, tmp_path / "o")
+    out = paramdelta(post, pk, new, tmp_path / "o", allow_pickle=True)
+    want = paramdelta(post, base, new, tmp_path / "want")
+    O, W = load_dir(out), load_dir(want)
+    assert all(torch.equal(O[n], W[n]) for n in W)
+    m = load_manifest(out)
+    pk_in = [i for i in m["inputs"] if i["role"] == "base"][0]
+    assert pk_in["format"] == "pickle"
+    assert pk_in["files"][0]["sha256"] == hashlib.sha256((pk / "pytorch_model.bin").read_bytes()).hexdigest()
+    # a pickle holding an arbitrary object is refused even when allowed (weights_only=True unpickles no code)
+    torch.save({"x": NotATensor()}, pk / "pytorch_model.bin")
+    with pytest.raises(MergeError, match=r"weights_only=True.*UnpicklingError"):
+        paramdelta(post, pk, new, tmp_path / "o2", allow_pickle=True)
+
+
+def test_failed_merge_leaves_nothing_and_overwrite_is_atomic(llamas, tmp_path):
+    post, base, new = llamas
+    out = tmp_path / "deep" / "out"
+
+    def boom(name, i, total):
+        if i == 5:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        paramdelta(post, base, new, out, shard_size="10KB", on_tensor=boom)
+    assert not out.exists() and not (tmp_path / "deep").exists()  # the parent it created is gone too
+
+    good = paramdelta(post, base, new, out)
+    before = {f.name: f.read_bytes() for f in good.iterdir()}
+    with pytest.raises(MergeError, match="already exists.*overwrite=True"):
+        paramdelta(post, base, new, out, scale=0.5)
+    with pytest.raises(RuntimeError, match="disk full"):
+        paramdelta(post, base, new, out, scale=0.5, overwrite=True, shard_size="10KB", on_tensor=boom)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the good output is untouched
+    paramdelta(post, base, new, out, scale=0.5, overwrite=True)
+    assert load_manifest(out)["params"]["scale"] == 0.5
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temporary or old directories left
+    with pytest.raises(MergeError, match="is the input new_base"):
+        paramdelta(post, base, new, new, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------ vocabulary
+
+
+def test_vocab_policies(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    post = make_llama(tmp_path / "post", 31, dtype=torch.float32, vocab_size=66)  # two added special tokens
+    base = make_llama(tmp_path / "base", 32, dtype=torch.float32)
+    new = make_llama(tmp_path / "new", 33, dtype=torch.float32)
+    with pytest.raises(MergeError) as ei:
+        paramdelta(post, base, new, tmp_path / "o")
+    msg = str(ei.value)
+    assert "vocabulary sizes differ" in msg and "post=[66, 32]" in msg and "base=[64, 32]" in msg
+    assert "'post'" in msg and "'new_base'" in msg
+
+    P, B, N = load_dir(post), load_dir(base), load_dir(new)
+    out = paramdelta(post, base, new, tmp_path / "vp", vocab_policy="post")
+    O = load_dir(out)
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert O[n].shape == (66, 32)
+        want = N[n].double() + P[n][:64].double() - B[n].double()
+        torch.testing.assert_close(O[n][:64].double(), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(O[n][64:], P[n][64:])  # the added tokens' rows: post's, unchanged
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 66
+    m = load_manifest(out)["vocab"]
+    assert m["policy"] == "post" and m["shared_rows"] == 64 and m["output_rows"] == 66 and m["rows_from"] == "post"
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape == (66, 32)
+
+    out = paramdelta(post, base, new, tmp_path / "vn", vocab_policy="new_base")
+    O = load_dir(out)
+    assert O["lm_head.weight"].shape == (64, 32)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
+    m = load_manifest(out)["vocab"]
+    assert m["dropped_rows"] == {"post": 2} and "dropped" in m["action"]
+
+    # the new base has the larger vocabulary: its extra rows are kept
+    new68 = make_llama(tmp_path / "new68", 34, dtype=torch.float32, vocab_size=68)
+    N68 = load_dir(new68)
+    out = paramdelta(post, base, new68, tmp_path / "vn68", vocab_policy="new_base")
+    O = load_dir(out)
+    assert O["lm_head.weight"].shape == (68, 32)
+    assert torch.equal(O["lm_head.weight"][64:], N68["lm_head.weight"][64:])
+    torch.testing.assert_close(O["lm_head.weight"][:64].double(), N68["lm_head.weight"][:64].double()
+                               + P["lm_head.weight"][:64].double() - B["lm_head.weight"].double(), rtol=1e-6, atol=1e-6)
+    # ParamΔ as task arithmetic on the old base ("Form A": models post and new_base, weights 1 and 1), the
+    # output's rows taken from the first model by naming its role: the same tensors up to fp32 rounding
+    ta = merge("task_arithmetic", tmp_path / "ta", models=[(post, 1.0), (new, 1.0)], base=base, vocab_policy="model0")
+    want = load_dir(paramdelta(post, base, new, tmp_path / "vp2", vocab_policy="post"))
+    for n, t in load_dir(ta).items():
+        torch.testing.assert_close(t, want[n], rtol=1e-5, atol=1e-5)
+    # excluded vocab tensors follow the policy too (copied rows from the donor, extra rows from the policy's model)
+    out = paramdelta(post, base, new, tmp_path / "vpx", vocab_policy="post", exclude=["lm_head.weight"])
+    O = load_dir(out)
+    assert torch.equal(O["lm_head.weight"][:64], N["lm_head.weight"]) and torch.equal(O["lm_head.weight"][64:],
+                                                                                      P["lm_head.weight"][64:])
+
+
+# ------------------------------------------------------------------------------------- include / exclude
+
+
+def test_include_exclude(llamas, tmp_path):
+    post, base, new = llamas
+    P, B, N = load_dir(post), load_dir(base), load_dir(new)
+    out = paramdelta(post, base, new, tmp_path / "ex", exclude=["*norm*"])
+    O = load_dir(out)
+    norms = [n for n in O if "norm" in n]
+    assert len(norms) == 5
+    for n in O:
+        if n in norms:
+            assert torch.equal(O[n], N[n])
+        else:
+            assert_bf16_close(O[n], N[n].double() + P[n].double() - B[n].double())
+    m = load_manifest(out)["tensors"]
+    assert m["copied_excluded"] == 5 and sorted(m["excluded_names"]) == sorted(norms)
+
+    out = paramdelta(post, base, new, tmp_path / "inc", include=["model.layers.0.*", r"re:^lm_head\."])
+    O = load_dir(out)
+    merged = {n for n in O if n.startswith("model.layers.0.") or n == "lm_head.weight"}
+    assert len(merged) == 10
+    for n in O:
+        if n not in merged:
+            assert torch.equal(O[n], N[n])
+        else:
+            assert not torch.equal(O[n], N[n])
+    with pytest.raises(MergeError, match="exclude pattern 'lm_head' matches no tensor"):
+        paramdelta(post, base, new, tmp_path / "bad", exclude=["lm_head"])
+    with pytest.raises(MergeError, match="not a valid regular expression"):
+        paramdelta(post, base, new, tmp_path / "bad", include=["re:("])
+
+
+# ----------------------------------------------------------------------------------- TIES, DARE, others
+
+
+def ties_reference(base, models, weights, density, lam=1.0):
+    """TIES (Yadav et al. 2023) written out element by element, independently of llmx.merge.methods."""
+    out = base.double().clone().reshape(-1)
+    trimmed = []
+    for m in models:
+        d = (m.double() - base.double()).reshape(-1)
+        k = int(torch.tensor(density * d.numel()).ceil())
+        order = sorted(range(d.numel()), key=lambda j: -abs(d[j].item()))
+        keep = set(order[:k])
+        trimmed.append([d[j].item() if j in keep else 0.0 for j in range(d.numel())])
+    for j in range(out.numel()):
+        vals = [w * t[j] for w, t in zip(weights, trimmed)]
+        s = sum(vals)
+        gamma = (s > 0) - (s < 0)
+        agree = [(v, abs(w)) for v, w in zip(vals, weights) if v != 0 and ((v > 0) - (v < 0)) == gamma]
+        if agree:
+            out[j] += lam * sum(v for v, _ in agree) / sum(w for _, w in agree)
+    return out.reshape(base.shape)
+
+
+def test_ties_matches_reference():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(7, 9, generator=g)
+    models = [base + torch.randn(7, 9, generator=g) for _ in range(3)]
+    for weights, density, lam in (([1.0, 1.0, 1.0], 0.4, 1.0), ([0.5, 1.0, 2.0], 0.7, 0.8), ([1, 1, 1], 1.0, 1.0)):
+        got = M.ties(base, models, weights, density=density, lam=lam)
+        want = ties_reference(base, models, weights, density, lam)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    before = [m.clone() for m in models]
+    M.ties(base, models, [1, 1, 1], density=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(models, before))  # inputs are never modified
+    # trimming keeps exactly k = ceil(density * n) entries when magnitudes are distinct
+    d = torch.randn(1000, generator=g)
+    assert int((M.trim_magnitude(d.clone(), 0.25) != 0).sum()) == 250
+    assert int((M.trim_magnitude(d.clone(), 0.2501) != 0).sum()) == 251
+
+
+def test_dare_drop_statistics_and_dare_methods():
+    n, density = 200_000, 0.3
+    delta = torch.full((n,), 2.0)
+    g = torch.Generator().manual_seed(0)
+    out = M.dare_drop(delta.clone(), density, generator=g)
+    kept = out != 0
+    assert out.unique().tolist() == [0.0, pytest.approx(2.0 / density, rel=1e-6)]  # survivors rescaled by 1/density
+    sigma = (density * (1 - density) / n) ** 0.5
+    assert abs(kept.float().mean().item() - density) < 5 * sigma  # drop rate p = 1 - density
+    assert abs(out.mean().item() - 2.0) < 5 * sigma * 2.0 / density  # E[dare(delta)] = delta
+    no_rescale = M.dare_drop(delta.clone(), density, generator=torch.Generator().manual_seed(0), rescale=False)
+    assert torch.equal(no_rescale != 0, kept) and abs(no_rescale.mean().item() - 2.0 * density) < 5 * sigma * 2
+
+    # dare_linear = base + lam * sum w_i dare(delta_i); dare_ties = TIES election on the dropped deltas
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 5, generator=g)
+    models = [base + torch.randn(6, 5, generator=g) for _ in range(3)]
+    w = [1.0, 0.5, 2.0]
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    dropped = [M.dare_drop((m - base).clone(), 0.5, generator=gi) for m, gi in zip(models, gens())]
+    got = M.dare_linear(base, models, w, density=0.5, lam=0.9, generators=gens())
+    want = base.double() + 0.9 * sum(wi * d.double() for wi, d in zip(w, dropped))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got = M.dare_ties(base, models, w, density=0.5, generators=gens())
+    want = ties_reference(base, [base + d for d in dropped], w, 1.0)  # density 1: no magnitude trim
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_task_arithmetic_and_linear_in_memory():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 4, generator=g)
+    ms = [torch.randn(4, 4, generator=g) for _ in range(3)]
+    w = [0.5, -1.0, 2.0]
+    want = base.double() + 0.7 * sum(wi * (m.double() - base.double()) for wi, m in zip(w, ms))
+    torch.testing.assert_close(M.task_arithmetic(base, ms, w, lam=0.7).double(), want)
+    torch.testing.assert_close(M.linear(ms, w).double(), sum(wi * m.double() for wi, m in zip(w, ms)) / sum(w))
+    torch.testing.assert_close(M.linear(ms, w, normalize=False).double(), sum(wi * m.double() for wi, m in zip(w, ms)))
+    # callables (the streaming form) give the same result
+    torch.testing.assert_close(M.task_arithmetic(lambda: base.clone(), [lambda m=m: m.clone() for m in ms], w, lam=0.7),
+                               M.task_arithmetic(base, ms, w, lam=0.7))
+
+
+def test_streaming_methods_match_in_memory_and_dare_is_seeded_per_tensor(tmp_path):
+    base_t = rand_tensors(0, n=5)
+    ins = [write_ckpt(tmp_path / f"m{i}", {k: v + torch.randn_like(v) for k, v in base_t.items()}, shards=2)
+           for i in range(3)]
+    base = write_ckpt(tmp_path / "base", base_t)
+    sds = [load_dir(p) for p in ins]
+    w = [1.0, 0.5, 1.5]
+    models = list(zip(ins, w))
+    out = merge("ties", tmp_path / "ties", models=models, base=base, params={"density": [0.5, 0.6, 0.7]})
+    O = load_dir(out)
+    for n in base_t:
+        want = M.ties(base_t[n], [s[n] for s in sds], w, density=[0.5, 0.6, 0.7])
+        assert torch.equal(O[n], want)
+    out = merge("task_arithmetic", tmp_path / "ta", models=models, base=base, params={"lambda": 0.5})
+    O = load_dir(out)
+    for n in base_t:
+        want = base_t[n].double() + 0.5 * sum(wi * (s[n].double() - base_t[n].double()) for wi, s in zip(w, sds))
+        torch.testing.assert_close(O[n].double(), want, rtol=1e-6, atol=1e-6)
+    assert "base + 0.5 * sum_i w_i (model_i - base); w = [1, 0.5, 1.5]" == load_manifest(out)["formula"]
+
+    a = merge("dare_ties", tmp_path / "d1", models=models, base=base, params={"density": 0.5}, seed=7)
+    b = merge("dare_ties", tmp_path / "d2", models=models, base=base, params={"density": 0.5}, seed=7)
+    c = merge("dare_ties", tmp_path / "d3", models=models, base=base, params={"density": 0.5}, seed=8)
+    sha = lambda d: [f["sha256"] for f in load_manifest(d)["output"]["files"]]  # noqa: E731
+    assert sha(a) == sha(b) and sha(a) != sha(c)
+    # the mask of a tensor depends on (seed, name, model), not on which other tensors are merged
+    sub = merge("dare_ties", tmp_path / "d4", models=models, base=base, params={"density": 0.5}, seed=7,
+                include=["layers.3.*"])
+    assert torch.equal(load_dir(sub)["layers.3.weight"], load_dir(a)["layers.3.weight"])
+    dl = merge("dare_linear", tmp_path / "dl", models=models, base=base, params={"density": 0.5}, seed=7)
+    n = "layers.2.weight"
+    gens = [torch.Generator().manual_seed(M.tensor_seed(7, n, i)) for i in range(3)]
+    want = M.dare_linear(base_t[n], [s[n] for s in sds], w, density=0.5, generators=gens)
+    assert torch.equal(load_dir(dl)[n], want)
+    assert load_manifest(dl)["seed"] == 7
+
+
+def test_merge_parameter_validation_lists_everything(llamas, tmp_path):
+    post, base, new = llamas
+    with pytest.raises(MergeError) as ei:
+        merge("ties", tmp_path / "o", models=[(post, 1.0), (new, float("nan"))],
+              params={"density": 1.5, "lamda": 1.0, "normalize": "yes"}, vocab_policy="everything")
+    msg = str(ei.value)
+    for part in ("needs a base", "['lamda']", "density=1.5", "normalize='yes'", "not a finite number",
+                 "vocab_policy='everything'"):
+        assert part in msg, part
+    with pytest.raises(MergeError, match="not a merge method; valid: task_arithmetic, linear, ties"):
+        merge("slerp", tmp_path / "o", models=[(post, 1.0)])
+    with pytest.raises(MergeError, match="linear averages the models and takes no base"):
+        merge("linear", tmp_path / "o", models=[(post, 1.0)], base=base)
+    # merge("paramdelta") is paramdelta()
+    a = merge("paramdelta", tmp_path / "a", models=[(post, 0.5)], base=base, params={"new_base": new})
+    b = paramdelta(post, base, new, tmp_path / "b", scale=0.5)
+    sha = lambda d: [f["sha256"] for f in load_manifest(d)["output"]["files"]]  # noqa: E731
+    assert sha(a) == sha(b)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("1.5MiB") == int(1.5 * 2**20) and parse_size(100) == 100
+
+
+# ---------------------------------------------------------------------------------- manifest, memory
+
+
+def test_manifest_hashes_match_files(llamas, tmp_path):
+    post, base, new = llamas
+    # excluded tensors are never read from post and base: their bytes are still hashed (the gaps are read)
+    out = paramdelta(post, base, new, tmp_path / "o", exclude=["model.layers.1.*"], shard_size="15KB")
+    m = load_manifest(out)
+    for entry in m["inputs"]:
+        for f in entry["files"]:
+            p = Path(entry["path"]) / f["name"]
+            assert f["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest() and f["bytes"] == p.stat().st_size
+        assert entry["config_sha256"] == hashlib.sha256((Path(entry["path"]) / "config.json").read_bytes()).hexdigest()
+    for f in m["output"]["files"]:
+        assert f["sha256"] == hashlib.sha256((out / f["name"]).read_bytes()).hexdigest()
+    assert m["llmx_version"] and m["timings"]["total_s"] >= 0 and m["vocab"]["policy"] == "error"
+    assert {"inputs", "formula", "method", "params", "dtypes", "tensors"} <= set(m)
+    with pytest.raises(MergeError, match="no llmx_merge.json"):
+        load_manifest(post)
+    unhashed = paramdelta(post, base, new, tmp_path / "nohash", hash_inputs=False)
+    assert load_manifest(unhashed)["inputs"][0]["files"][0]["sha256"] is None
+
+
+def test_streaming_writes_tensor_by_tensor_with_bounded_buffers(tmp_path):
+    """40 tensors of 16 KB (fp32 64x64) per input; a merge that held whole models would need 3 x 640 KB."""
+    def model(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {f"t.{i:02d}.weight": torch.randn(64, 64, generator=g) for i in range(40)}
+
+    ins = {r: write_ckpt(tmp_path / r, model(s), shards=3) for r, s in (("post", 1), ("base", 2), ("new", 3))}
+    largest, total = 64 * 64 * 4, 40 * 64 * 64 * 4
+    seen = []
+
+    def watch(name, i, n):  # the shard being written grows tensor by tensor: nothing is held back
+        tmp = next(tmp_path.glob(".out.tmp-*"))
+        seen.append(sum(f.stat().st_size for f in tmp.glob("*.safetensors")))
+
+    out = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "out", on_tensor=watch, chunk_bytes=4096)
+    assert len(seen) == 40 and all(b - a == largest for a, b in zip(seen, seen[1:]))
+    mem = load_manifest(out)["memory"]
+    assert mem["largest_input_tensor_bytes"] == largest
+    # ParamΔ on fp32 inputs: one reused read buffer per input, no fresh tensors at all
+    assert mem["workspace_bytes"] == 3 * 4096 and mem["peak_live_tensor_bytes"] == 0
+    out = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "out2", chunk_bytes=1024, dtype=torch.bfloat16)
+    assert load_manifest(out)["memory"]["workspace_bytes"] == 3 * 1024 + 512  # + the bf16 output chunk
+    # TIES takes tensors whole: every input's delta of one tensor, never more
+    ties_out = merge("ties", tmp_path / "ties", models=[(ins["post"], 1.0), (ins["new"], 1.0)], base=ins["base"],
+                     params={"density": 0.5})
+    assert largest <= load_manifest(ties_out)["memory"]["peak_live_tensor_bytes"] <= 3 * largest < total / 10
+
+
+RSS_SCRIPT = """
+import json, sys, torch
+from llmx.merge import paramdelta
+def hwm():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+a, b, c, out = sys.argv[1:5]
+paramdelta(a, b, c, out + '_warmup', chunk_bytes='1MiB', include=['t.00.*'])  # imports, thread pool, ...
+before = hwm()
+paramdelta(a, b, c, out, chunk_bytes='1MiB', shard_size='8MB')
+print(json.dumps({"before": before, "after": hwm()}))
+"""
+
+
+def test_peak_resident_memory_does_not_grow_with_the_model(tmp_path):
+    """A real process: its peak RSS (VmHWM) rises during a merge of three 32 MB models by far less than one."""
+    import subprocess
+    import sys
+
+    def model(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {f"t.{i:02d}.weight": torch.randn(256, 1024, generator=g).to(torch.bfloat16) for i in range(64)}
+
+    ins = [write_ckpt(tmp_path / r, model(s), shards=2) for r, s in (("post", 1), ("base", 2), ("new", 3))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *map(str, ins), str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, check=True)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    model_bytes = 64 * 256 * 1024 * 2
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 5
+    assert r["after"] - r["before"] < model_bytes / 4, (r, model_bytes)
