@@ -59,6 +59,18 @@ def atomic_write_json(path: os.PathLike | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_format_json(path: os.PathLike | str, fmt: str, missing: str) -> Any:
+    """The JSON document at `path`, whose "format" must be `fmt` (an error names both); `missing`: the error
+    when there is no such file (what the directory is not)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmxError(missing)
+    doc = json.loads(path.read_text())
+    if doc.get("format") != fmt:
+        raise LlmxError(f"{path}: format {doc.get('format')!r}; this llmx reads {fmt!r}")
+    return doc
+
+
 def sha256_text(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:

@@ -189,7 +189,8 @@ SMOKE = [
     "merge.demo.post_train.max_steps=4",
     "merge.demo.continue_pretrain.max_steps=4",
     "merge.demo.pretrain.generator_args.parts.0.args.n_docs=100",
-    "merge.demo.pretrain.generator_args.parts.1.args.n_docs=50",
+    "merge.demo.pretrain.generator_args.parts.1.args.n_docs=20",
+    "merge.demo.pretrain.generator_args.parts.2.args.n_docs=50",
     "merge.demo.continue_pretrain.generator_args.n_docs=100",
     "merge.demo.eval_questions=10",
     "merge.demo.eval_sequences=4",
@@ -228,3 +229,20 @@ def test_paramdelta_tiny_smoke(tmp_path):
     changed = run_llmx(["run", *SMOKE, "merge.demo.post_train.lr=5e-4", f"hydra.run.dir={run}"], cwd=REPO,
                        timeout=300)
     assert changed.returncode != 0 and "produced by a different config" in changed.stderr
+
+
+def test_replay_reaches_all_of_corpus_a_and_keeps_the_share():
+    from llmx.recipes.merge import _Replay
+
+    data = [torch.full((4,), -i) for i in range(1, 4)]  # 3 stage sequences
+    corpus_a = [torch.full((4,), i) for i in range(20)]
+    r = _Replay(data, corpus_a, 0.5, pairs=False)
+    items = [r[i] for i in range(len(r))]
+    stage = [x for x in items if x[0] < 0]
+    replayed = {int(x[0]) for x in items if x[0] >= 0}
+    assert len(stage) == len(items) - len(stage)  # half of every epoch replays corpus A
+    assert replayed == set(range(20))  # every block, not the same 3 each epoch
+    assert {int(x[0]) for x in stage} == {-1, -2, -3}
+    pairs = _Replay(data, corpus_a, 0.25, pairs=True)
+    assert pairs[len(pairs) - 1].shape == (2, 4)
+    assert sum(1 for i in range(len(pairs)) if pairs[i].dim() == 2) == round(len(pairs) * 0.25)

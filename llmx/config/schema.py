@@ -310,6 +310,7 @@ class SparsityMethod(str, Enum):
     rsparse = "rsparse"  # R-Sparse: exact columns for large |x_j| * ||W[:, j]||, a rank-r SVD for the rest
     teal = "teal"  # magnitude sparsity on |x| (R-Sparse with alpha = 1)
     dense = "dense"  # no sparsity: the baseline, through the same evaluation
+    sharp = "sharp"  # SHARP: adjacent-layer MLP sharing with low-rank recovery (SLW, then SFT); sparsify.sharp
 
 
 class Allocation(str, Enum):
@@ -332,6 +333,77 @@ class SearchConfig:
     init_greedy: bool = False  # seed the population with TEAL's greedy plan (its paths are cached and shared)
 
 
+class SharpRecovery(str, Enum):
+    lora = "lora"  # W_ref + B A on each of sharp.targets (gate/up/down)
+    parallel = "parallel"  # MLP_ref(x) + U V x: a low-rank linear map beside the shared MLP
+    none = "none"  # Direct Sharing: the reference's MLP as it is (the paper's baseline)
+
+
+class SharpInit(str, Enum):
+    zero = "zero"  # LoRA's init (B = 0): training starts at Direct Sharing
+    svd = "svd"  # lora only: the truncated SVD of W_layer - W_reference
+
+
+@dataclass
+class InstructSourceConfig:
+    """One source of instruction data (llmx.data.instruct): kind file | pydoc_qa | gsm_infinite."""
+
+    kind: str = "pydoc_qa"
+    path: Optional[str] = None  # kind=file: a .jsonl / .json file (Alpaca, prompt/response or messages records)
+    n: Optional[int] = None  # training examples (gsm_infinite: how many to generate; others: a cap)
+    n_val: int = 200  # gsm_infinite: validation problems generated
+    val_fraction: float = 0.1  # kind=file: the share held out (by a stable hash of the prompt)
+    args: Dict[str, Any] = field(default_factory=dict)  # pydoc_qa: max_words; gsm_infinite: subset, ops
+
+
+@dataclass
+class SharpSLWConfig:
+    """Stage 1, Single Layer Warmup: each replaced layer's recovery fitted to the original MLP's output."""
+
+    steps: int = 200  # Adam steps per layer (0: skip the stage)
+    lr: float = 1e-3
+    batch_tokens: int = 1024  # rows (token positions) per step
+    sequences: int = 16  # calibration sequences whose MLP inputs and outputs are captured
+    max_tokens: int = 16384  # captured rows per layer (the last 10% are held out to report the error)
+    data: str = "sft"  # sft: the SFT training sequences; text: the data group's training split
+
+
+@dataclass
+class SharpSFTConfig:
+    """Stage 2: every recovery parameter trained together on instruction data, through the trainer core
+    (batch sizes, checkpoints, logging from the trainer group; optim.* as for any run)."""
+
+    steps: int = 100  # optimizer steps (0: skip the stage)
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    seq_len: int = 512
+    chat_template: bool = True  # render with the tokenizer's chat template when it has one
+    sources: List[InstructSourceConfig] = field(
+        default_factory=lambda: [InstructSourceConfig(kind="pydoc_qa"), InstructSourceConfig(kind="gsm_infinite", n=1000)])
+    eval_sequences: int = 16  # held-out packed sequences for the instruction perplexity
+
+
+@dataclass
+class SharpConfig:
+    """SHARP (sparsify.method=sharp): which layers share, the recovery parameterization, the two stages."""
+
+    # Replaced layers: a list of indices, or "start:stop:step" over them (negative from the end; a number
+    # with a decimal point is a fraction of the depth: "0.5::2" = every second layer of the later half).
+    layers: Any = "0.5::2"
+    recovery: SharpRecovery = SharpRecovery.lora
+    rank: int = 16  # lora rank on gate/up/down; with match_params, the parameter budget of other choices
+    targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    match_params: bool = True  # other recoveries/targets get the rank with lora(gate,up,down, rank)'s count
+    init: SharpInit = SharpInit.zero
+    slw: SharpSLWConfig = field(default_factory=SharpSLWConfig)
+    sft: SharpSFTConfig = field(default_factory=SharpSFTConfig)
+    # Also fine-tune the original (unshared) model with the same recovery modules on its own MLPs and the
+    # same SFT: the fair reference for an in-distribution perplexity after SFT.
+    baseline_sft: bool = False
+    save_dtype: Optional[str] = None  # dtype of the compact checkpoint; null: the model's
+    compare_storage: bool = True  # also save the original model to time loading and size it on disk
+
+
 @dataclass
 class SparsifyConfig:
     """What a sparsify recipe does to a pretrained model (conf/sparsify/)."""
@@ -351,6 +423,7 @@ class SparsifyConfig:
     save: bool = True  # write the artifact (thresholds, ranks, factors) per level
     decode_tokens: int = 0  # > 0: also time batch-1 greedy decoding of this many tokens, dense vs sparse
     greedy_step: float = 0.05  # TEAL greedy: one move raises a projection by greedy_step x (q_proj size / its size)
+    sharp: SharpConfig = field(default_factory=SharpConfig)  # method=sharp
 
 
 class MergeMethod(str, Enum):

@@ -441,6 +441,7 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
     from omegaconf import open_dict
 
     from llmx.data import StepLoader
+    from llmx.data.instruct import PairLoader, pair_eval_batches
     from llmx.trainer.checkpoint import find_newest
     from llmx.trainer.trainer import Trainer
 
@@ -474,11 +475,11 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
         train = _Replay(train, corpus_a, s.replay, pairs=sft)
     torch.manual_seed(cfg.seed)
     model = make_model()
-    loader_cls = _PairLoader if sft else StepLoader
+    loader_cls = PairLoader if sft else StepLoader
     loader = loader_cls(train, batch_size=cfg.trainer.batch_size, micro_batch_size=cfg.trainer.micro_batch_size,
                         seed=cfg.seed, shuffle=True)
     trainer = Trainer(stage_cfg, stage_dir, info, model, loader, val, tokenizer=tok,
-                      eval_batches_fn=_pair_eval_batches if sft else None)
+                      eval_batches_fn=pair_eval_batches if sft else None)
     t0 = time.perf_counter()
     final = trainer.fit()
     done = {"key": key, "stage": stage, "seconds": round(time.perf_counter() - t0, 2),
@@ -488,8 +489,8 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
 
 
 # Post-training data: each item is a [2, seq_len] tensor (input ids, labels), so the loader's stacking works;
-# the loader below splits it into the {input_ids, labels} batch the trainer's loss takes (IGNORE_INDEX where
-# there is no target: the question, and the padding).
+# llmx.data.instruct.PairLoader splits it into the {input_ids, labels} batch the trainer's loss takes
+# (IGNORE_INDEX where there is no target: the question, and the padding).
 
 
 def _task_data(data_cfg, tok, seq_len: int, answer_only: bool, n_questions: int):
@@ -550,51 +551,31 @@ def _pad(ids, labels, seq_len, pad_id, ignore):
     return torch.tensor([ids + [pad_id] * n, labels + [ignore] * n], dtype=torch.long)
 
 
-def _pair_batch(mb: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return {"input_ids": mb[:, 0], "labels": mb[:, 1]}
-
-
-class _PairLoader:
-    """StepLoader over [2, T] items, yielding {input_ids, labels} micro-batches."""
-
-    def __init__(self, dataset, **kw):
-        from llmx.data import StepLoader
-
-        self.inner = StepLoader(dataset, **kw)
-
-    def next_step(self):
-        return [_pair_batch(mb) for mb in self.inner.next_step()]
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
-
-
-def _pair_eval_batches(val, **kw):
-    from llmx.data import eval_batches
-
-    return (_pair_batch(mb) for mb in eval_batches(val, **kw))
-
-
 class _Replay(torch.utils.data.Dataset):
     """A stage's training sequences plus corpus-A blocks making up `share` of the total (in order, cycling);
-    the loader shuffles them together. With pairs=True the blocks become (ids, ids): a target at every token."""
+    the loader shuffles them together. With pairs=True the blocks become (ids, ids): a target at every token.
+
+    The stage's sequences are repeated (as many times as it takes for the replayed share to reach all of
+    corpus A) so that a small stage dataset does not replay the same few corpus-A blocks every epoch: with
+    72 task sequences (paramdelta_tiny with operands 0-9), post-training replayed the same 72 corpus-A blocks
+    some 33 times each and memorized them (its corpus-A loss rising), a change of the weights that is no part
+    of the task and that ParamΔ then adds to base'."""
 
     def __init__(self, data, corpus_a, share: float, pairs: bool):
         self.data, self.corpus_a, self.pairs = data, corpus_a, pairs
-        self.extra = round(len(data) * share / (1.0 - share))
+        self.reps = max(1, math.ceil(len(corpus_a) * (1.0 - share) / share / max(1, len(data)))) if share > 0 else 1
+        self.n_data = len(data) * self.reps
+        self.extra = round(self.n_data * share / (1.0 - share))
         self.order = torch.randperm(len(corpus_a), generator=torch.Generator().manual_seed(0))  # spread over parts
         self.seq_len = getattr(data, "seq_len", None)
 
     def __len__(self) -> int:
-        return len(self.data) + self.extra
+        return self.n_data + self.extra
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if i < len(self.data):
-            return self.data[i]
-        block = self.corpus_a[int(self.order[(i - len(self.data)) % len(self.corpus_a)])]
+        if i < self.n_data:
+            return self.data[i % len(self.data)]
+        block = self.corpus_a[int(self.order[(i - self.n_data) % len(self.corpus_a)])]
         return torch.stack([block, block]) if self.pairs else block
 
 

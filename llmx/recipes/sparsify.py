@@ -6,7 +6,7 @@
     llmx run recipe=rsparse_llama3_8b model.path=/models/Meta-Llama-3-8B   # GPU cluster
 
 Feature -> config flag:
-    method (rsparse | teal | dense)          sparsify.method
+    method (rsparse | teal | dense | sharp)  sparsify.method (sharp: llmx/recipes/sharp.py, sparsify.sharp.*)
     model-level sparsities to evaluate       sparsify.levels=[0.4,0.5,0.7]
     per-layer allocation                     sparsify.allocation=uniform|greedy|search, sparsify.alpha
     which tokens are sparse                  sparsify.token_mode=all|decode|last_fraction, sparsify.token_fraction
@@ -48,6 +48,10 @@ def main(cfg) -> Dict[str, Any]:
     sp = cfg.sparsify
     run_dir = Path(cfg.run_dir)
     method, allocation, token_mode = _value(sp.method), _value(sp.allocation), _value(sp.token_mode)
+    if method == "sharp":  # trains recovery parameters: its own recipe file (llmx/recipes/sharp.py)
+        from llmx.recipes.sharp import main as sharp_main
+
+        return sharp_main(cfg)
     levels = [float(x) for x in sp.levels]
     for level in levels:
         if not 0.0 < level < 1.0:

@@ -10,7 +10,6 @@ place).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -18,7 +17,7 @@ from typing import Any, Dict, Optional
 from torch import nn
 
 from llmx.sparse.rsparse import RSparseLinear, _set_module, find_linears
-from llmx.utils import LlmxError, atomic_write_json, publish_dir, sha256_text
+from llmx.utils import LlmxError, atomic_write_json, publish_dir, read_format_json, sha256_text
 
 FORMAT = "llmx-rsparse-1"
 
@@ -60,12 +59,7 @@ def load_artifact(model: nn.Module, art_dir: os.PathLike | str, *, token_mode: O
                   token_fraction: Optional[float] = None, decode_layout: bool = False) -> Dict[str, RSparseLinear]:
     """Apply a saved artifact to the dense `model` (in place); returns the RSparseLinear layers."""
     art_dir = Path(art_dir)
-    meta_path = art_dir / "rsparse.json"
-    if not meta_path.is_file():
-        raise LlmxError(f"{art_dir}: not an R-Sparse artifact (no rsparse.json)")
-    doc = json.loads(meta_path.read_text())
-    if doc.get("format") != FORMAT:
-        raise LlmxError(f"{meta_path}: format {doc.get('format')!r}, expected {FORMAT!r}")
+    doc = read_format_json(art_dir / "rsparse.json", FORMAT, f"{art_dir}: not an R-Sparse artifact (no rsparse.json)")
     fp = model_fingerprint(model)
     if doc["model_fingerprint"] != fp:
         raise LlmxError(f"{art_dir} was made for another model (fingerprint {doc['model_fingerprint']}, this model "
