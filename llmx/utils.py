@@ -59,6 +59,18 @@ def atomic_write_json(path: os.PathLike | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def enum_value(x: Any) -> Any:
+    """A config enum's value (`sparsify.method` -> "sharp"); anything else as it is."""
+    return getattr(x, "value", x)
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (resolved, enums as strings); anything else as it is."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else node
+
+
 def read_format_json(path: os.PathLike | str, fmt: str, missing: str) -> Any:
     """The JSON document at `path`, whose "format" must be `fmt` (an error names both); `missing`: the error
     when there is no such file (what the directory is not)."""

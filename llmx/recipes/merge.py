@@ -55,15 +55,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, sha256_text
+from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value, plain, sha256_text
 
 STAGES = ("pretrain", "post_train", "continue_pretrain")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
 
 
 def main(cfg) -> Dict[str, Any]:
@@ -79,7 +76,7 @@ def main(cfg) -> Dict[str, Any]:
 def check_config(cfg) -> None:
     """Raise one LlmxError listing every problem of cfg.merge (and of the demo's stages)."""
     m, problems = cfg.merge, []
-    method = _value(m.method)
+    method = enum_value(m.method)
     demo = m.demo is not None
 
     def path_problem(key: str, value: Optional[str]) -> None:
@@ -102,7 +99,7 @@ def check_config(cfg) -> None:
             if m[key] is not None:
                 problems.append(f"merge.{key}={m[key]}: the demonstration trains its own inputs; leave it null "
                                 "or set merge.demo=null to merge existing checkpoints")
-        if _value(cfg.model.source) != "preset":
+        if enum_value(cfg.model.source) != "preset":
             problems.append(f"model={cfg.model.name}: the demonstration trains a base from scratch and needs a "
                             "preset model (model.source=preset)")
         for stage in STAGES:
@@ -201,9 +198,9 @@ def _merge_kwargs(cfg) -> Dict[str, Any]:
     return {
         "include": list(m.include) or None,
         "exclude": list(m.exclude) or None,
-        "vocab_policy": _value(m.vocab_policy),
-        "dtype": getattr(torch, _value(m.dtype)) if m.dtype is not None else None,
-        "compute_dtype": getattr(torch, _value(m.compute_dtype)),
+        "vocab_policy": enum_value(m.vocab_policy),
+        "dtype": getattr(torch, enum_value(m.dtype)) if m.dtype is not None else None,
+        "compute_dtype": getattr(torch, enum_value(m.compute_dtype)),
         "allow_pickle": m.allow_pickle,
         "shard_size": str(m.shard_size),
         "overwrite": bool(m.overwrite),
@@ -223,7 +220,7 @@ def merge_checkpoints(cfg) -> Dict[str, Any]:
     from llmx.merge import load_manifest, merge, paramdelta
 
     m, run_dir = cfg.merge, Path(cfg.run_dir)
-    method = _value(m.method)
+    method = enum_value(m.method)
     out = Path(m.out_dir).expanduser() if m.out_dir else run_dir / "merged"
     t0 = time.perf_counter()
     if method == "paramdelta":
@@ -303,7 +300,7 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
         torch.manual_seed(cfg.seed)
         return build_model(cfg.model, vocab_size=len(tok), device="cpu")
 
-    key = {"tokenizer": tok_sha, "model": _plain(cfg.model), "seed": cfg.seed}
+    key = {"tokenizer": tok_sha, "model": plain(cfg.model), "seed": cfg.seed}
     base = _train_stage(cfg, "pretrain", dirs["pretrain"], key, info, tok, fresh_model, corpus_a)
     # 2. post: the base post-trained on the task.
     key_b = {**key, "from": base["key"]}
@@ -315,7 +312,7 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
 
     # 4. ParamΔ = post - base + base' (no training).
     merged = run_dir / "stages" / "paramdelta"
-    merge_fields = {k: _plain(cfg.merge)[k] for k in ("scale", "include", "exclude", "vocab_policy", "dtype",
+    merge_fields = {k: plain(cfg.merge)[k] for k in ("scale", "include", "exclude", "vocab_policy", "dtype",
                                                       "compute_dtype")}
     merge_key = sha256_text(post["key"], base["key"], base_prime["key"], json.dumps(merge_fields, sort_keys=True))
     if _stage_done(merged, merge_key, "paramdelta"):
@@ -375,11 +372,6 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
     return final
 
 
-def _plain(node) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-
 
 def _stage_data(cfg, stage: str):
     """The data config of a stage: the data group with the stage's synthetic generator."""
@@ -395,7 +387,7 @@ def _shared_tokenizer(cfg, data_cfgs):
     from llmx.data import build_tokenizer
     from llmx.data.tokenizer import train_bpe, training_text
 
-    if _value(cfg.data.tokenizer.source) != "trained":
+    if enum_value(cfg.data.tokenizer.source) != "trained":
         return build_tokenizer(cfg.data)  # a pretrained tokenizer is shared as it is
     texts, shas = [], []
     for data_cfg in data_cfgs:
@@ -458,11 +450,11 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
             stage_cfg.data = _stage_data(cfg, stage)
         stage_cfg.resume = "auto" if find_newest([stage_dir]) else None
     # What the stage's weights depend on (not logging, evaluation or checkpoint cadence).
-    weights_from = {k: v for k, v in _plain(stage_cfg.trainer).items() if k not in
+    weights_from = {k: v for k, v in plain(stage_cfg.trainer).items() if k not in
                ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "save_final", "export_hf",
                 "detect_nan", "max_seconds")}
-    key = sha256_text(json.dumps({**upstream, "stage": stage, "config": _plain(s), "trainer": weights_from,
-                                  "optim": _plain(stage_cfg.optim), "data": _plain(stage_cfg.data),
+    key = sha256_text(json.dumps({**upstream, "stage": stage, "config": plain(s), "trainer": weights_from,
+                                  "optim": plain(stage_cfg.optim), "data": plain(stage_cfg.data),
                                   "answer_only": cfg.merge.demo.answer_only_loss if sft else None},
                                  sort_keys=True, default=str))
     if _stage_done(stage_dir, key, stage):

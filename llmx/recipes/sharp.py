@@ -40,24 +40,16 @@ import torch
 
 from llmx.sharing import (capture_mlp_io, decoder_layers, freeze_all_but_recovery, matched_rank, mlp_storage,
                           recovery_parameters, select_layers, share_mlps, shared_layers, single_layer_warmup)
-from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, sha256_text
+from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, enum_value, plain, sha256_text
 
 
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
-
-
-def _plain(node) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if not isinstance(node, (int, float, str)) else node
 
 
 def check_config(cfg, num_layers: Optional[int] = None) -> None:
     """Every bad value of sparsify.sharp, before any work (num_layers known: the layer spec too)."""
     sh = cfg.sparsify.sharp
     errors = []
-    if sh.rank < 1 and _value(sh.recovery) != "none":
+    if sh.rank < 1 and enum_value(sh.recovery) != "none":
         errors.append(f"sparsify.sharp.rank={sh.rank}: must be >= 1 (or recovery=none for Direct Sharing)")
     if sh.slw.steps < 0 or sh.sft.steps < 0:
         errors.append("sparsify.sharp.slw.steps and sft.steps must be >= 0")
@@ -76,15 +68,15 @@ def check_config(cfg, num_layers: Optional[int] = None) -> None:
     for s in sh.sft.sources:
         if s.kind == "file" and not (s.path and Path(s.path).expanduser().is_file()):
             errors.append(f"sparsify.sharp.sft.sources: kind=file path={s.path!r} is not a file")
-    if _value(sh.recovery) == "lora":
+    if enum_value(sh.recovery) == "lora":
         bad = [t for t in sh.targets if t not in ("gate_proj", "up_proj", "down_proj")]
         if bad or not sh.targets:
             errors.append(f"sparsify.sharp.targets={list(sh.targets)}: valid are gate_proj, up_proj, down_proj")
-    if _value(sh.init) == "svd" and _value(sh.recovery) != "lora":
-        errors.append(f"sparsify.sharp.init=svd needs recovery=lora (got {_value(sh.recovery)})")
+    if enum_value(sh.init) == "svd" and enum_value(sh.recovery) != "lora":
+        errors.append(f"sparsify.sharp.init=svd needs recovery=lora (got {enum_value(sh.recovery)})")
     if num_layers is not None:
         try:
-            select_layers(_plain(sh.layers), num_layers)
+            select_layers(plain(sh.layers), num_layers)
         except LlmxError as e:
             errors.append(str(e))
     if errors:
@@ -113,12 +105,12 @@ def main(cfg) -> Dict[str, Any]:
     model.to(device).eval().requires_grad_(False)
     num_layers = len(decoder_layers(model))
     check_config(cfg, num_layers)
-    replaced = select_layers(_plain(sh.layers), num_layers)
+    replaced = select_layers(plain(sh.layers), num_layers)
     tok = build_tokenizer(cfg.data, model_tokenizer=model_tok)
     text_train, text_val = build_datasets(cfg.data, tok)
     n_eval = len(text_val) if sp.eval_sequences is None else min(len(text_val), sp.eval_sequences)
     text_windows = [text_val[i][None] for i in range(n_eval)]
-    sources = _plain(sh.sft.sources)
+    sources = plain(sh.sft.sources)
     sft_train, train_stats = pack_pairs(tok, instruction_pairs(sources, "train", cfg.seed), sh.sft.seq_len,
                                         sh.sft.chat_template)
     sft_val, val_stats = pack_pairs(tok, instruction_pairs(sources, "validation", cfg.seed), sh.sft.seq_len,
@@ -152,7 +144,7 @@ def main(cfg) -> Dict[str, Any]:
     io = capture_mlp_io(model, replaced, calib, max_tokens=sh.slw.max_tokens) if sh.slw.steps else {}
 
     # 3. Direct Sharing (no recovery), then the recovery modules at their initial values.
-    recovery, targets = _value(sh.recovery), list(sh.targets)
+    recovery, targets = enum_value(sh.recovery), list(sh.targets)
     mlp0 = decoder_layers(model)[replaced[0]].mlp
     rank = matched_rank(mlp0, sh.rank, recovery, targets) if sh.match_params else sh.rank
     originals = {i: decoder_layers(model)[i].mlp for i in replaced}
@@ -161,7 +153,7 @@ def main(cfg) -> Dict[str, Any]:
     for i, mlp in originals.items():  # back to the plain model, to share again with recovery
         decoder_layers(model)[i].mlp = mlp
     del originals
-    refs = share_mlps(model, replaced, recovery=recovery, rank=rank, targets=targets, init=_value(sh.init))
+    refs = share_mlps(model, replaced, recovery=recovery, rank=rank, targets=targets, init=enum_value(sh.init))
     after = mlp_storage(model)
     storage = {"mlp_before": before["mlp"], "mlp_after": after["mlp"],
                "mlp_reduction": 1 - after["mlp"] / before["mlp"], "total_before": before["total"],
@@ -171,13 +163,13 @@ def main(cfg) -> Dict[str, Any]:
     print(f"llmx: stored MLP parameters {before['mlp'] / 1e6:.2f}M -> {after['mlp'] / 1e6:.2f}M "
           f"({storage['mlp_reduction']:.1%} fewer), {recovery} rank {rank}, "
           f"{storage['recovery_parameters'] / 1e6:.3f}M recovery parameters", flush=True)
-    if _value(sh.init) == "svd":
+    if enum_value(sh.init) == "svd":
         rows.append(evaluate("svd init"))
 
     # 4. Stage 1, SLW: each layer's recovery alone, against the original layer's output (kept in slw/).
     upstream = {"model": cfg.model.name, "layers": replaced, "recovery": recovery, "rank": rank, "targets": targets,
-                "init": _value(sh.init), "seed": cfg.seed}
-    slw_key = sha256_text(json.dumps({**upstream, "slw": _plain(sh.slw), "sources": sources,
+                "init": enum_value(sh.init), "seed": cfg.seed}
+    slw_key = sha256_text(json.dumps({**upstream, "slw": plain(sh.slw), "sources": sources,
                                       "seq_len": sh.sft.seq_len}, sort_keys=True, default=str))
     slw_report = _stage1(model, io, sh.slw, run_dir / "slw", slw_key, cfg.seed) if sh.slw.steps else {}
     del io
@@ -187,8 +179,8 @@ def main(cfg) -> Dict[str, Any]:
     # 5. Stage 2, SFT: every recovery parameter together, through the trainer core (kept in sft/).
     sft_final = None
     if sh.sft.steps:
-        sft_key = sha256_text(slw_key, json.dumps({"sft": _plain(sh.sft), "optim": _plain(cfg.optim),
-                                                   "trainer": _plain(cfg.trainer)}, sort_keys=True, default=str))
+        sft_key = sha256_text(slw_key, json.dumps({"sft": plain(sh.sft), "optim": plain(cfg.optim),
+                                                   "trainer": plain(cfg.trainer)}, sort_keys=True, default=str))
         sft_final = _stage2(cfg, model, tok, sft_train, sft_val, run_dir / "sft", sft_key, device)
         model.to(device)
         rows.append(evaluate("SLW + SFT" if sh.slw.steps else "SFT"))

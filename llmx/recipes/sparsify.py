@@ -37,17 +37,14 @@ from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, rem
 from llmx.sparse.artifact import artifact_size_bytes, save_artifact
 from llmx.sparse.evaluate import decode_speed, perplexity
 from llmx.sparse.rsparse import RSparseLinear, SVDCache
-from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir
+from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value
 
-
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
 
 
 def main(cfg) -> Dict[str, Any]:
     sp = cfg.sparsify
     run_dir = Path(cfg.run_dir)
-    method, allocation, token_mode = _value(sp.method), _value(sp.allocation), _value(sp.token_mode)
+    method, allocation, token_mode = enum_value(sp.method), enum_value(sp.allocation), enum_value(sp.token_mode)
     if method == "sharp":  # trains recovery parameters: its own recipe file (llmx/recipes/sharp.py)
         from llmx.recipes.sharp import main as sharp_main
 
