@@ -16,9 +16,10 @@ Every ratio is measured against a baseline in the same run.
 3. step: steady-state optimizer step (no refresh) for the 7 weight matrices of one decoder layer: llmx
    GaLoreAdamW against galore-torch's GaLoreAdamW and torch's fused AdamW (full rank). CPU: the 350M
    layer (1024 / 2736) at rank 256; CUDA: the 7B layer (4096 / 11008) at rank 1024.
-4. convergence: galore2_tiny against AdamW (pretrain_tiny) on the same data and steps: validation loss
-   ratio (goal: within 3%); and peak resident memory (VmHWM on CPU) of GaLore with and without optimizer-in-
-   backward on a 311M-parameter model (layer-wise mode frees each gradient at once).
+4. convergence: galore2_tiny against AdamW (pretrain_tiny) on the same data (the pylib corpus) and steps:
+   each method's lr tuned on one seed, the best run on other seeds; validation loss mean +- standard error
+   and the per-seed ratio (goal: within 3%). layerwise: peak resident memory (VmHWM on CPU) of GaLore with
+   and without optimizer-in-backward on a 311M-parameter model (layer-wise mode frees each gradient at once).
 """
 
 from __future__ import annotations
@@ -242,34 +243,61 @@ def llmx_run(args, run_dir: Path) -> dict:
     return json.loads((run_dir / "final.json").read_text())
 
 
-def bench_convergence() -> dict:
+def _mean_se(xs) -> tuple:
+    mean = statistics.fmean(xs)
+    return mean, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
+
+
+def bench_convergence(adamw_lrs, galore_lrs, tune_seed: int, seeds) -> dict:
+    """AdamW (pretrain_tiny) against GaLore 2 (galore2_tiny): each method's lr tuned on tune_seed, then
+    the best lr of each run on the report seeds (never the tuning seed): mean +- standard error."""
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        adamw = llmx_run(["recipe=pretrain_tiny"], tmp / "adamw")
-        galore = llmx_run(["recipe=galore2_tiny"], tmp / "galore")
-        log(f"convergence: AdamW val {adamw['val_loss']:.4f}, GaLore val {galore['val_loss']:.4f}")
-        # Peak memory: a model whose gradients dominate the process (Llama 350M shapes with the pydoc
-        # vocabulary: 311M parameters, 1.2 GB of fp32 gradients; one sequence of 64 tokens per step).
-        mem_args = ["recipe=galore2_tiny", "model=llama_350m", "model.vocab_size=null", "data.seq_len=64",
-                    "trainer.batch_size=1", "trainer.micro_batch_size=1", "trainer.max_steps=3",
-                    "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.save_final=false",
-                    "trainer.log_every=1", "optim.grad_clip=null", "optim.rank=128"]
-        plain = llmx_run(mem_args, tmp / "plain")
-        layerwise = llmx_run([*mem_args, "optim.in_backward=true"], tmp / "layerwise")
-        log(f"peak memory: plain {plain['peak_mem_mb']:.0f} MB, layer-wise {layerwise['peak_mem_mb']:.0f} MB")
-    return {
-        "adamw_val_loss": adamw["val_loss"], "galore_val_loss": galore["val_loss"],
-        "galore_over_adamw_val_loss": galore["val_loss"] / adamw["val_loss"],
-        "steps": adamw["step"],
-        "peak_mem_mb_plain": plain["peak_mem_mb"], "peak_mem_mb_layerwise": layerwise["peak_mem_mb"],
-        "layerwise_over_plain_peak": layerwise["peak_mem_mb"] / plain["peak_mem_mb"],
-    }
+        for method, recipe, lrs in (("adamw", "pretrain_tiny", adamw_lrs), ("galore", "galore2_tiny", galore_lrs)):
+            tuning = {}
+            for lr in lrs:
+                tuning[lr] = llmx_run([f"recipe={recipe}", f"optim.lr={lr}", f"seed={tune_seed}"],
+                                      tmp / f"{method}_tune_{lr}")["val_loss"]
+                log(f"convergence: {method} lr {lr} seed {tune_seed} (tuning): val {tuning[lr]:.4f}")
+            best = min(tuning, key=tuning.get)
+            report = {}
+            for seed in seeds:
+                final = llmx_run([f"recipe={recipe}", f"optim.lr={best}", f"seed={seed}"], tmp / f"{method}_{seed}")
+                report[seed], steps = final["val_loss"], final["step"]
+                log(f"convergence: {method} lr {best} seed {seed}: val {report[seed]:.4f}")
+            mean, se = _mean_se(list(report.values()))
+            rows[method] = {"recipe": recipe, "tuning_seed": tune_seed, "tuning_val_loss": tuning, "lr": best,
+                            "val_loss": report, "mean": mean, "se": se}
+    ratios = [rows["galore"]["val_loss"][s] / rows["adamw"]["val_loss"][s] for s in seeds]
+    mean, se = _mean_se(ratios)
+    return {**rows, "galore_over_adamw_per_seed": dict(zip(seeds, ratios)), "ratio_mean": mean, "ratio_se": se,
+            "seeds": list(seeds), "steps": steps}
+
+
+def bench_layerwise() -> dict:
+    """Peak memory: a model whose gradients dominate the process (Llama 350M shapes with the default
+    corpus's 4096-token vocabulary: 311M parameters, 1.2 GB of fp32 gradients; one 64-token sequence a step)."""
+    mem_args = ["recipe=galore2_tiny", "model=llama_350m", "model.vocab_size=null", "data.seq_len=64",
+                "trainer.batch_size=1", "trainer.micro_batch_size=1", "trainer.max_steps=3",
+                "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.save_final=false",
+                "trainer.log_every=1", "optim.grad_clip=null", "optim.rank=128"]
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = llmx_run(mem_args, Path(tmp) / "plain")
+        layerwise = llmx_run([*mem_args, "optim.in_backward=true"], Path(tmp) / "layerwise")
+    log(f"peak memory: plain {plain['peak_mem_mb']:.0f} MB, layer-wise {layerwise['peak_mem_mb']:.0f} MB")
+    return {"peak_mem_mb_plain": plain["peak_mem_mb"], "peak_mem_mb_layerwise": layerwise["peak_mem_mb"],
+            "layerwise_over_plain_peak": layerwise["peak_mem_mb"] / plain["peak_mem_mb"]}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="memory,svd,step,convergence")
+    ap.add_argument("--sections", default="memory,svd,step,convergence,layerwise")
+    ap.add_argument("--adamw-lrs", default="2e-3,3e-3,5e-3,1e-2", help="convergence: AdamW lr grid")
+    ap.add_argument("--galore-lrs", default="1e-2,2e-2,3e-2", help="convergence: GaLore lr grid")
+    ap.add_argument("--tune-seed", type=int, default=0, help="convergence: the seed lrs are tuned on")
+    ap.add_argument("--seeds", default="1,2,3", help="convergence: the seeds reported (not the tuning seed)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     args = ap.parse_args()
     sections = args.sections.split(",")
@@ -283,7 +311,13 @@ def main():
     if "step" in sections:
         result["step"] = bench_step(args.device)
     if "convergence" in sections and args.device == "cpu":
-        result["convergence"] = bench_convergence()
+        seeds = [int(x) for x in args.seeds.split(",")]
+        if args.tune_seed in seeds:
+            raise SystemExit(f"--tune-seed {args.tune_seed} is among --seeds {seeds}: never report the tuning seed")
+        result["convergence"] = bench_convergence([float(x) for x in args.adamw_lrs.split(",")],
+                                                  [float(x) for x in args.galore_lrs.split(",")], args.tune_seed, seeds)
+    if "layerwise" in sections and args.device == "cpu":
+        result["layerwise"] = bench_layerwise()
 
     print(f"\nGaLore benchmarks on {card} ({args.device})")
     if "memory" in result:
@@ -307,8 +341,17 @@ def main():
             print(f"   {k:<40}{v:>9.2f} ms{s['over_fused_adamw'][k]:>8.2f}x fused AdamW")
     if "convergence" in result:
         c = result["convergence"]
-        print(f"\n4. convergence over {c['steps']} steps: AdamW val loss {c['adamw_val_loss']:.4f}, GaLore "
-              f"{c['galore_val_loss']:.4f} (ratio {c['galore_over_adamw_val_loss']:.4f}, goal <= 1.03)")
+        print(f"\n4. convergence over {c['steps']} steps (validation loss; lr tuned on seed {args.tune_seed}, "
+              f"reported seeds {c['seeds']})")
+        print(f"{'method':<8}{'lr':>8}{'tuning (lr: val)':>44}{'mean':>9}{'+- se':>8}")
+        for m in ("adamw", "galore"):
+            r = c[m]
+            grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in r["tuning_val_loss"].items())
+            print(f"{m:<8}{r['lr']:>8g}{grid:>44}{r['mean']:>9.4f}{r['se']:>8.4f}")
+        print(f"   GaLore / AdamW per seed: {', '.join(f'{v:.4f}' for v in c['galore_over_adamw_per_seed'].values())}; "
+              f"mean {c['ratio_mean']:.4f} +- {c['ratio_se']:.4f} (goal <= 1.03)")
+    if "layerwise" in result:
+        c = result["layerwise"]
         print(f"   peak resident memory (VmHWM): plain {c['peak_mem_mb_plain']:.0f} MB, layer-wise "
               f"{c['peak_mem_mb_layerwise']:.0f} MB (ratio {c['layerwise_over_plain_peak']:.3f})")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ def llmx_cache(tmp_path_factory):
     yield path
 
 
-# Small and fast: a 2-layer Llama on the pydoc corpus, a few steps, every step logged.
+# Small and fast: a 2-layer Llama on the small embedded pydoc corpus, a few steps, every step logged.
 TINY = [
     "recipe=pretrain_tiny",
+    "data=pydoc",  # the trainer tests need a little text, not the 44M-character default corpus
     "model.hidden_size=64",
     "model.intermediate_size=128",
     "model.num_hidden_layers=2",

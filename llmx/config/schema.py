@@ -67,6 +67,7 @@ class ModelConfig:
 
 class DataSource(str, Enum):
     pydoc = "pydoc"  # embedded offline corpus: Python's documentation topics (PSF license)
+    pylib = "pylib"  # built offline: docstrings and comments of the installed stdlib and packages
     files = "files"  # local .txt / .jsonl / .json / .parquet files or globs
     hub = "hub"  # a Hugging Face dataset name (needs the network), streaming or not
     synthetic = "synthetic"  # a generator registered in llmx.data.synthetic
@@ -86,6 +87,22 @@ class TokenizerConfig:
     train_chars: int = 5_000_000  # cap on the text used to train a BPE tokenizer
 
 
+# Distributions whose documentation text makes up the pylib corpus (llmx.data.pylib), besides the
+# standard library: llmx's runtime dependencies with the most text, all under permissive licences.
+PYLIB_PACKAGES = [
+    "accelerate", "anyio", "click", "datasets", "dill", "filelock", "fonttools", "fsspec", "httpx",
+    "huggingface_hub", "hydra-core", "jinja2", "markdown", "matplotlib", "mpmath", "networkx", "numpy",
+    "omegaconf", "packaging", "pandas", "pillow", "pyarrow", "pydantic", "pygments", "pyparsing",
+    "python-dateutil", "requests", "rich", "safetensors", "scipy", "sympy", "tensorboard", "torch",
+    "transformers", "triton", "typer", "urllib3", "wandb", "werkzeug",
+]
+
+
+@dataclass
+class PylibConfig:
+    packages: List[str] = field(default_factory=lambda: list(PYLIB_PACKAGES))
+
+
 @dataclass
 class DataConfig:
     name: str = MISSING
@@ -102,6 +119,11 @@ class DataConfig:
     generator_args: Dict[str, Any] = field(default_factory=dict)
     seq_len: int = 128
     val_fraction: float = 0.05
+    # Held-out splits (llmx.data.split): paragraphs shorter than dedup_min_chars are never deduplicated,
+    # and no overlap_window-character substring of validation text occurs in the training text.
+    dedup_min_chars: int = 32
+    overlap_window: int = 64
+    pylib: PylibConfig = field(default_factory=PylibConfig)
     val_max_sequences: int = 256  # evaluation uses at most this many held-out sequences
     shuffle: bool = True
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -9,9 +9,11 @@ Sources (one or more, each a dict of the `sources` list):
   {kind: pydoc_qa}                 generated offline from the embedded pydoc corpus (Python's documentation
                                    topics, PSF license): "Explain <section> in Python." answered by the
                                    section's text (the first max_words words). Held out by topic, with the
-                                   same hash and fraction (0.25) as the pydoc data group; training sections
-                                   whose text recurs in a held-out topic (topics overlap) are dropped, so
-                                   none of pydoc_eval's validation text is trained on.
+                                   same hash and fraction (0.25) as the pydoc data group. Topics overlap:
+                                   a training answer that shares a 64-character window with a held-out
+                                   topic or with the pydoc data group's validation text (llmx.data.split)
+                                   is dropped, so no held-out answer and none of pydoc_eval's validation
+                                   text is trained on.
   {kind: gsm_infinite}             GSM-Infinite word problems (llmx.bench.gsm_infinite, `args`: subset, ops)
                                    answered by their step-by-step solutions. Train and validation problems
                                    come from separate random streams; validation problems seen in training
@@ -140,24 +142,33 @@ def _clip_words(text: str, max_words: int) -> str:
     return "\n\n".join(kept)
 
 
-def _pydoc_pairs(split: str, val_fraction: float = 0.25, max_words: int = 120) -> List[Pair]:
-    from llmx.data.sources import pydoc_corpus, validation_mask
+def _pydoc_pairs(split: str, val_fraction: float = 0.25, max_words: int = 120, window: int = 64) -> List[Pair]:
+    import numpy as np
+
+    from llmx.data import split as splitting
+    from llmx.data.sources import documents, pydoc_corpus, validation_mask
 
     corpus = pydoc_corpus()
     mask = validation_mask([topic for topic, _ in corpus], val_fraction)
-    # pydoc topics overlap (e.g. "customization" is a section of "specialnames"): a training section whose
-    # text also occurs in a held-out topic is dropped, so none of the held-out text is trained on.
-    held_out = "\n".join(text for (_, text), is_val in zip(corpus, mask) if is_val)
+    held_out: List[str] = []
+    if split != "validation":
+        held_out = [text for (_, text), is_val in zip(corpus, mask) if is_val]
+        held_out += documents({"name": "pydoc", "source": "pydoc", "val_fraction": val_fraction,
+                               "overlap_window": window}, "validation").load()
+    forbidden = np.unique(np.concatenate([splitting.window_hashes(t, window) for t in held_out] or [np.zeros(0, np.uint64)]))
     pairs = []
     for (topic, text), is_val in zip(corpus, mask):
         if is_val != (split == "validation"):
             continue
         for title, body in _pydoc_sections(text):
-            if not is_val and body[:300] in held_out:
+            answer = _clip_words(body, max_words)
+            # An answer shorter than the window has no window to check: it is compared whole.
+            if not is_val and (splitting.hits_in([answer], forbidden, window).size
+                               or (len(answer) < window and any(answer in t for t in held_out))):
                 continue
             title = title.replace('"', "")
             title = "the " + title[4:] if title.startswith("The ") else title
-            pairs.append((_PROMPTS[len(pairs) % len(_PROMPTS)].format(t=title), _clip_words(body, max_words)))
+            pairs.append((_PROMPTS[len(pairs) % len(_PROMPTS)].format(t=title), answer))
     return pairs
 
 

@@ -4,11 +4,23 @@ Every source (`DataSource` in llmx.config.schema) is reduced to the same thing, 
 cache key and a function that yields the documents of one split as plain strings. Tokenizing and
 packing (llmx.data.packing) and tokenizer training (llmx.data.tokenizer) never see the source again.
 
+Sources:
+* `pydoc`: the embedded snapshot of Python's documentation topics (79 documents, 465k characters).
+* `pylib`: the docstrings and comments of the installed standard library and of data.pylib.packages,
+  built on first use and cached (llmx.data.pylib; about 45M characters, 15M tokens at vocab 4096).
+* `files`, `hub`: local files or a Hugging Face dataset; `synthetic`: a registered generator.
+
 Design choices:
-* The held-out split is chosen per document by a stable hash (sha256, not Python's salted `hash()`)
-  of a document key: the topic for the pydoc corpus, the text itself for files and hub data. The
+* The split rule (llmx.data.split, for pydoc, pylib, and files or non-streaming hub data without a
+  validation file or split): paragraphs are deduplicated across the corpus, then each document is
+  held out by a stable hash (sha256, not Python's salted `hash()`) of its key (the topic for pydoc, the
+  module path for pylib, the text itself for files and hub data), then every validation paragraph
+  that shares a data.overlap_window-character (64) substring with the training text is removed. The
   split is therefore the same in every process and on every machine, does not depend on document
-  order, and a duplicated document always lands on one side only.
+  order, and no validation window occurs in the training text. Explicit validation files
+  (data.val_paths), a hub validation split and synthetic generators are taken as they are; a
+  streaming hub source without a validation split is held out by hash only (a stream cannot be
+  compared with itself).
 * The cache key of a source is cheap where reading is expensive: for local files it is each file's
   path, size and mtime (no reading on a cache hit); for the small pydoc corpus and synthetic
   generators it is the content itself, so editing a generator's code invalidates its cache.
@@ -29,12 +41,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from llmx.config.schema import DataConfig, DataSource
-from llmx.utils import LlmxError, sha256_text
+from llmx.data.split import SPLIT_VERSION, split_documents
+from llmx.utils import LlmxError, atomic_write_json, cache_dir, publish_dir, sha256_text
 
 PYDOC_CORPUS = Path(__file__).parent / "corpus" / "pydoc_topics.jsonl.gz"
 # Text formats may also be gzip-compressed (name ending in .gz); parquet compresses itself.
@@ -85,9 +98,12 @@ def documents(data_cfg: Any, split: str) -> Documents:
     cfg = as_data_config(data_cfg)
     if split not in (TRAIN, VALIDATION):
         raise ValueError(f"split must be {TRAIN!r} or {VALIDATION!r}, got {split!r}")
+    check_split_config(cfg)
     source = DataSource(cfg.source)
     if source is DataSource.pydoc:
         return _pydoc(cfg, split)
+    if source is DataSource.pylib:
+        return _pylib(cfg, split)
     if source is DataSource.files:
         return _files(cfg, split)
     if source is DataSource.hub:
@@ -95,6 +111,37 @@ def documents(data_cfg: Any, split: str) -> Documents:
     if source is DataSource.synthetic:
         return _synthetic(cfg, split)
     raise LlmxError(f"data.source={source.value} is not supported")
+
+
+def check_split_config(cfg: DictConfig) -> None:
+    """Refuse split settings that cannot work, naming the value and the valid range."""
+    if not 0 <= cfg.val_fraction < 1:
+        raise LlmxError(f"data.val_fraction={cfg.val_fraction}: must be in [0, 1)")
+    if cfg.overlap_window < 8:
+        raise LlmxError(f"data.overlap_window={cfg.overlap_window}: must be >= 8 characters (64 is the default)")
+    if cfg.dedup_min_chars < 0:
+        raise LlmxError(f"data.dedup_min_chars={cfg.dedup_min_chars}: must be >= 0")
+
+
+def _split_rule(cfg: DictConfig) -> str:
+    return f"split-v{SPLIT_VERSION}:{cfg.val_fraction}:{cfg.overlap_window}:{cfg.dedup_min_chars}"
+
+
+_SPLITS: dict = {}  # (source key, rule) -> (train, validation): the train and validation calls share one split
+
+
+def _held_out(cfg: DictConfig, key: str, load: Callable[[], Sequence[Tuple[str, str]]], split: str) -> List[str]:
+    """The `split` documents of (key, text) pairs under the llmx.data.split rule, computed once per process."""
+    cache_key = (key, _split_rule(cfg))
+    if cache_key not in _SPLITS:
+        docs = load()
+        train, val, _ = split_documents([k for k, _ in docs], [t for _, t in docs], cfg.val_fraction,
+                                        window=cfg.overlap_window, min_dedup_chars=cfg.dedup_min_chars)
+        if len(_SPLITS) >= 4:
+            _SPLITS.pop(next(iter(_SPLITS)))
+        _SPLITS[cache_key] = (train, val)
+    train, val = _SPLITS[cache_key]
+    return val if split == VALIDATION else train
 
 
 def _content_key(kind: str, docs: Sequence[str]) -> str:
@@ -116,10 +163,44 @@ def pydoc_corpus() -> tuple:
 
 
 def _pydoc(cfg: DictConfig, split: str) -> Documents:
-    corpus = pydoc_corpus()
-    mask = validation_mask([topic for topic, _ in corpus], cfg.val_fraction)
-    docs = [text for (_, text), is_val in zip(corpus, mask) if is_val == (split == VALIDATION)]
+    docs = _held_out(cfg, "pydoc", pydoc_corpus, split)
     return Documents(_content_key("pydoc", docs), lambda: docs)
+
+
+# ---------------------------------------------------------------------------------------------- pylib
+
+
+def pylib_split_dir(cfg: DictConfig) -> Path:
+    """The cached split of the pylib corpus for this config: {train,validation}.jsonl.gz and stats.json.
+
+    Built once per installed versions (llmx.data.pylib.corpus_dir) and split rule. Training documents
+    are stored in the order of their key's hash, so that a prefix (the tokenizer's training text) is a
+    sample of every package rather than the alphabetically first ones.
+    """
+    from llmx.data import pylib
+
+    corpus = pylib.corpus_dir(list(cfg.pylib.packages), cache_dir(cfg.cache_dir), pylib.default_num_proc())
+    final = corpus / sha256_text(_split_rule(cfg))[:16]
+    if not (final / "stats.json").exists():
+        docs = sorted(pylib.load(corpus), key=lambda d: stable_fraction(d[0]))
+        train, val, stats = split_documents([k for k, _ in docs], [t for _, t in docs], cfg.val_fraction,
+                                            window=cfg.overlap_window, min_dedup_chars=cfg.dedup_min_chars)
+        with publish_dir(final) as tmp:
+            for name, texts in ((TRAIN, train), (VALIDATION, val)):
+                with gzip.open(tmp / f"{name}.jsonl.gz", "wt", encoding="utf-8", compresslevel=6) as f:
+                    f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
+            atomic_write_json(tmp / "stats.json", {"rule": _split_rule(cfg), **stats.as_dict()})
+    return final
+
+
+def _pylib(cfg: DictConfig, split: str) -> Documents:
+    path = pylib_split_dir(cfg) / f"{split}.jsonl.gz"
+
+    def load() -> Iterator[str]:  # lazy: the tokenizer reads only a prefix
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            yield from map(json.loads, f)
+
+    return Documents(f"pylib:{path.parent.parent.name}:{path.parent.name}", load)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -230,18 +311,20 @@ def _files(cfg: DictConfig, split: str) -> Documents:
     hash_split = not val_files
     files = val_files if (split == VALIDATION and val_files) else train_files
 
-    def load() -> List[str]:
-        docs = [d for p in files for d in read_documents(p, cfg.text_field)]
-        if not hash_split:
-            return docs
-        mask = validation_mask(docs, cfg.val_fraction)
-        return [d for d, is_val in zip(docs, mask) if is_val == (split == VALIDATION)]
-
     # Stat, not content: a cache hit must not read a large corpus. Both file lists are in the key
     # because with hash splitting the train split depends on which documents went to validation.
     stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train_files + val_files]
-    split_rule = f"hash:{cfg.val_fraction}" if hash_split else "val_paths"
+    split_rule = _split_rule(cfg) if hash_split else "val_paths"
     key = "files:" + sha256_text(json.dumps(stats), cfg.text_field, split_rule, str(len(train_files)))
+
+    def read() -> List[Tuple[str, str]]:
+        return [(d, d) for p in train_files for d in read_documents(p, cfg.text_field)]
+
+    def load() -> List[str]:
+        if hash_split:
+            return _held_out(cfg, key, read, split)
+        return [d for p in files for d in read_documents(p, cfg.text_field)]
+
     return Documents(key, load)
 
 
@@ -274,15 +357,15 @@ def _hub(cfg: DictConfig, split: str) -> Documents:
                 "Without network access use data.source=files or pydoc; without a validation split set data.hub_val_split=null."
             ) from e
 
-    def texts(rows: Iterable[Mapping]) -> Iterator[str]:
+    def texts(rows: Iterable[Mapping], hash_filter: bool) -> Iterator[str]:
         for i, row in enumerate(rows):
             text = _field(row, cfg.text_field, f"data.hub_name={cfg.hub_name!r} split {hub_split!r} row {i}")
-            if text and (not hash_split or (stable_fraction(text) < cfg.val_fraction) == want_val):
+            if text and (not hash_filter or (stable_fraction(text) < cfg.val_fraction) == want_val):
                 yield text
 
     if cfg.streaming:
         # No cache key: a remote stream is read as it goes (see StreamingPackedDataset).
-        return Documents(None, lambda: texts(load_split()), streaming=True)
+        return Documents(None, lambda: texts(load_split(), hash_split), streaming=True)
 
     ds = load_split()
     if cfg.text_field not in ds.column_names:
@@ -290,8 +373,14 @@ def _hub(cfg: DictConfig, split: str) -> Documents:
             f"data.hub_name={cfg.hub_name!r}: no column {cfg.text_field!r} (data.text_field); columns present: {ds.column_names}"
         )
     # datasets' own fingerprint identifies the prepared data (builder, files, revision).
-    key = "hub:" + sha256_text(ds._fingerprint, cfg.text_field, f"hash:{cfg.val_fraction}" if hash_split else "split")
-    return Documents(key, lambda: list(texts(ds.select_columns([cfg.text_field]))))
+    key = "hub:" + sha256_text(ds._fingerprint, cfg.text_field, _split_rule(cfg) if hash_split else "split")
+
+    def load() -> List[str]:
+        if hash_split:
+            return _held_out(cfg, key, lambda: [(t, t) for t in texts(ds.select_columns([cfg.text_field]), False)], split)
+        return list(texts(ds.select_columns([cfg.text_field]), False))
+
+    return Documents(key, load)
 
 
 # ------------------------------------------------------------------------------------------ synthetic
