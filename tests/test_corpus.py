@@ -10,6 +10,7 @@ to tmp_path, which importlib.metadata finds like any installed one.
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 import random
 import sys
@@ -173,10 +174,10 @@ class A:
     assert pylib.module_text(b"def broken(:\n") is None
 
 
-def _fake_distribution(site: Path, name: str, version: str, modules: dict, licence: str = "MIT") -> None:
+def _fake_distribution(site: Path, name: str, version: str, modules: dict, licence: str) -> None:
     dist = site / f"{name}-{version}.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nLicense-Expression: {licence}\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{licence}\n")
     record = []
     for rel, body in modules.items():
         path = site / rel
@@ -196,7 +197,11 @@ def fake_site(tmp_path, monkeypatch):
                                              f"Function of module {i}.") for i in range(6)}
     mods["fakepkg/tests/test_x.py"] = DOC.format("Skipped: under tests/. " * 20, "c", "d")
     mods["fakepkg/tiny.py"] = '"""Too short."""\n'
-    _fake_distribution(site, "fakepkg", "1.0", mods, "BSD-3-Clause")
+    _fake_distribution(site, "fakepkg", "1.0", mods, "License-Expression: BSD-3-Clause")
+    # A licence given as its full text (as scipy does) is named by its classifier instead.
+    _fake_distribution(site, "textlicence", "2.0", {"textlicence/m.py": DOC.format("x " * 150, "c", "d")},
+                       "License: Copyright (c) 2001 Someone.\n        All rights reserved.\n"
+                       "Classifier: License :: OSI Approved :: BSD License")
     monkeypatch.syspath_prepend(str(site))
     return site
 
@@ -214,6 +219,7 @@ def test_pylib_build_is_deterministic_records_licences_and_skips_tests(tmp_path,
     (row,) = [s for s in m1["sources"] if s["name"] == "fakepkg"]
     assert row["licence"] == "BSD-3-Clause" and row["version"] == "1.0" and row["documents"] == 6
     assert row["files"] == 7  # the tests/ module is not even a candidate; tiny.py is read and dropped
+    assert pylib.licence(importlib.metadata.distribution("textlicence")) == "BSD License"
 
 
 def test_pylib_fingerprint_follows_installed_files_and_missing_packages_are_named(tmp_path, fake_site):
