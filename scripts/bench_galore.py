@@ -295,7 +295,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sections", default="memory,svd,step,convergence,layerwise")
     ap.add_argument("--adamw-lrs", default="2e-3,3e-3,5e-3,1e-2", help="convergence: AdamW lr grid")
-    ap.add_argument("--galore-lrs", default="1e-2,2e-2,3e-2", help="convergence: GaLore lr grid")
+    ap.add_argument("--galore-lrs", default="5e-3,1e-2,2e-2,3e-2", help="convergence: GaLore lr grid")
     ap.add_argument("--tune-seed", type=int, default=0, help="convergence: the seed lrs are tuned on")
     ap.add_argument("--seeds", default="1,2,3", help="convergence: the seeds reported (not the tuning seed)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
@@ -343,11 +343,11 @@ def main():
         c = result["convergence"]
         print(f"\n4. convergence over {c['steps']} steps (validation loss; lr tuned on seed {args.tune_seed}, "
               f"reported seeds {c['seeds']})")
-        print(f"{'method':<8}{'lr':>8}{'tuning (lr: val)':>44}{'mean':>9}{'+- se':>8}")
+        print(f"{'method':<8}{'best lr':>8}{'mean':>9}{'+- se':>8}   tuning (lr: val loss)")
         for m in ("adamw", "galore"):
             r = c[m]
             grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in r["tuning_val_loss"].items())
-            print(f"{m:<8}{r['lr']:>8g}{grid:>44}{r['mean']:>9.4f}{r['se']:>8.4f}")
+            print(f"{m:<8}{r['lr']:>8g}{r['mean']:>9.4f}{r['se']:>8.4f}   {grid}")
         print(f"   GaLore / AdamW per seed: {', '.join(f'{v:.4f}' for v in c['galore_over_adamw_per_seed'].values())}; "
               f"mean {c['ratio_mean']:.4f} +- {c['ratio_se']:.4f} (goal <= 1.03)")
     if "layerwise" in result:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_trainer.py [--steps 60] [--warmup 10] [--repeats 3] [--out outputs/bench]
 
-Both loops train the same model (the pretrain_tiny Llama) on the same packed pydoc data, batch 16 x 128,
+Both loops train the same model (the pretrain_tiny Llama) on the same packed data (the default pylib corpus), batch 16 x 128,
 AdamW with the same lr, clipping 1.0, fp32 on CPU. The plain loop is what one would write by hand:
 index a tensor, forward, cross-entropy, backward, clip, step. The llmx side is the real Trainer.fit with
 its data loader, loss normalisation, metrics and progress bar; its throughput is taken from wall-clock
@@ -53,7 +53,8 @@ def plain_loop(cfg, steps: int, warmup: int) -> float:
     import torch.nn.functional as F
 
     tok, model, train, _ = build(cfg)
-    data = torch.stack([train[i] for i in range(len(train))])
+    # The blocks the run can reach (steps x batch), not the whole 110k-block corpus.
+    data = torch.stack([train[i] for i in range(min(len(train), (steps + warmup) * cfg.trainer.batch_size))])
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)

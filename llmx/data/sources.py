@@ -38,6 +38,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,10 @@ def pylib_split_dir(cfg: DictConfig) -> Path:
                 with gzip.open(tmp / f"{name}.jsonl.gz", "wt", encoding="utf-8", compresslevel=6) as f:
                     f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
             atomic_write_json(tmp / "stats.json", {"rule": _split_rule(cfg), **stats.as_dict()})
+        print(f"llmx: pylib split: {stats.train_chars / 1e6:.1f}M training characters ({stats.train_documents:,} "
+              f"modules), {stats.val_chars / 1e6:.2f}M held out; removed {stats.duplicate_chars / 1e6:.1f}M of "
+              f"duplicate paragraphs and {stats.leaked_chars / 1e6:.2f}M of held-out text shared with training",
+              file=sys.stderr, flush=True)
     return final
 
 
