@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from llmx.config.schema import DataSource
-from llmx.data.sources import TRAIN, VALIDATION, as_data_config, documents
+from llmx.data.sources import TRAIN, VALIDATION, as_data_config, documents, release_splits
 from llmx.data.tokenizer import tokenizer_fingerprint
 from llmx.utils import LlmxError, atomic_write_json, cache_dir, publish_dir, sha256_text
 
@@ -211,4 +211,5 @@ def build_datasets(data_cfg: Any, tokenizer):
     tok_sha = tokenizer_fingerprint(tokenizer)
     train = _build_split(cfg, TRAIN, tokenizer, tok_sha, None)
     val = _build_split(cfg, VALIDATION, tokenizer, tok_sha, cfg.val_max_sequences)
+    release_splits()
     return train, val

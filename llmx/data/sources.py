@@ -131,6 +131,12 @@ def _split_rule(cfg: DictConfig) -> str:
 _SPLITS: dict = {}  # (source key, rule) -> (train, validation): the train and validation calls share one split
 
 
+def release_splits() -> None:
+    """Drop the split documents held for the train and validation calls (build_datasets does, when done),
+    so that a large local corpus does not stay in memory for the whole run."""
+    _SPLITS.clear()
+
+
 def _held_out(cfg: DictConfig, key: str, load: Callable[[], Sequence[Tuple[str, str]]], split: str) -> List[str]:
     """The `split` documents of (key, text) pairs under the llmx.data.split rule, computed once per process."""
     cache_key = (key, _split_rule(cfg))
