@@ -7,7 +7,7 @@ packing (llmx.data.packing) and tokenizer training (llmx.data.tokenizer) never s
 Sources:
 * `pydoc`: the embedded snapshot of Python's documentation topics (79 documents, 465k characters).
 * `pylib`: the docstrings and comments of the installed standard library and of data.pylib.packages,
-  built on first use and cached (llmx.data.pylib; about 45M characters, 15M tokens at vocab 4096).
+  built on first use and cached (llmx.data.pylib; 44M training characters, 14M tokens at vocab 4096).
 * `files`, `hub`: local files or a Hugging Face dataset; `synthetic`: a registered generator.
 
 Design choices:
