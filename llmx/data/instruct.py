@@ -163,7 +163,7 @@ def _pydoc_pairs(split: str, val_fraction: float = 0.25, max_words: int = 120, w
         for title, body in _pydoc_sections(text):
             answer = _clip_words(body, max_words)
             # An answer shorter than the window has no window to check: it is compared whole.
-            if not is_val and (splitting.hits_in([answer], forbidden, window).size
+            if not is_val and (splitting.shares_window(answer, forbidden, window)
                                or (len(answer) < window and any(answer in t for t in held_out))):
                 continue
             title = title.replace('"', "")

@@ -149,6 +149,11 @@ def hits_in(texts: Iterable[str], wanted: np.ndarray, window: int) -> np.ndarray
     return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.uint64)
 
 
+def shares_window(text: str, sorted_unique: np.ndarray, window: int) -> bool:
+    """Whether any window of one short text is among the given hashes (no bitmap: one text, few windows)."""
+    return bool(_member(window_hashes(text, window), sorted_unique).any())
+
+
 def _member(h: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
     """Which elements of h are in sorted_unique."""
     if len(sorted_unique) == 0:
