@@ -64,7 +64,7 @@ import torch
 from torch.optim import Optimizer
 
 from llmx.optim.galore.fsdp import ShardView, make_identical, shard_view
-from llmx.optim.galore.projector import GaLoreProjector
+from llmx.optim.galore.projector import GaLoreProjector, param_seed
 from llmx.optim.galore.tucker import TuckerProjector, mode_dot
 
 MOMENT_POLICIES = ("keep", "reproject", "reset")
@@ -141,6 +141,7 @@ class GaLoreAdamW(Optimizer):
                 proj = TuckerProjector(group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"])
             else:
                 options = {k: group[k] for k in _PROJECTOR_OPTIONS if k in group}
+                options["seed"] = param_seed(int(group.get("seed", 0)), self._param_name(p, group))
                 proj = GaLoreProjector(group["rank"], proj_type=group["proj_type"],
                                        update_proj_gap=group["update_proj_gap"], scale=group["scale"], **options)
             saved = {k[len(PROJ):]: v for k, v in state.items() if k.startswith(PROJ)}
@@ -148,6 +149,15 @@ class GaLoreAdamW(Optimizer):
                 proj.load_state_dict(saved)
             self._projectors[p] = proj
         return proj
+
+    def _param_name(self, p: torch.Tensor, group: dict) -> str:
+        """The parameter's name from the group's `param_names` (torch's named-parameter groups; llmx's
+        builder sets it), else its position in the optimizer ("param.<i>")."""
+        names = group.get("param_names")
+        if names:
+            return names[next(i for i, q in enumerate(group["params"]) if q is p)]
+        flat = [q for g in self.param_groups for q in g["params"]]
+        return f"param.{next(i for i, q in enumerate(flat) if q is p)}"
 
     @staticmethod
     def _store_projector(state: dict, proj) -> None:

@@ -45,19 +45,25 @@ def build_galore_adamw(cfg, groups: List[dict]) -> torch.optim.Optimizer:
     all_names = []
     out = []
     for group in groups:
-        plain, by_rank = [], {}  # by_rank: rank -> parameters
+        plain, plain_names, by_rank = [], [], {}  # by_rank: rank -> (parameters, names)
         for name, p in zip(group["names"], group["params"]):
             all_names.append(name)
             hits = [pat for pat in targets if fnmatch.fnmatch(name, pat)]
             matched.update(hits)
             if hits and (p.ndim == 2 or (p.ndim > 2 and cfg.tucker)):
-                by_rank.setdefault(_rank_for(name, cfg), []).append(p)
+                params, names = by_rank.setdefault(_rank_for(name, cfg), ([], []))
+                params.append(p)
+                names.append(name)
             else:
                 plain.append(p)
+                plain_names.append(name)
+        # torch wants param_names on every group or none
         if plain:
-            out.append({"params": plain, "weight_decay": group["weight_decay"]})
-        for rank, params in by_rank.items():
-            out.append({"params": params, "weight_decay": group["weight_decay"], "rank": rank, **galore_keys})
+            out.append({"params": plain, "param_names": plain_names, "weight_decay": group["weight_decay"]})
+        for rank, (params, names) in by_rank.items():
+            # param_names: each parameter's randomized-SVD sketch seed is derived from its name
+            out.append({"params": params, "param_names": names, "weight_decay": group["weight_decay"], "rank": rank,
+                        **galore_keys})
     unmatched = [pat for pat in targets if pat not in matched]
     # In-backward mode builds one optimizer per parameter: a pattern missing from one parameter's name
     # says nothing about the model, so only whole-model builds can check the patterns.

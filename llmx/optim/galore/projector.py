@@ -18,8 +18,8 @@ benchmark (captured energy, 1.0 = the exact top-r subspace): q=1 keeps 0.98-0.99
 randomly initialised Llama's down_proj gradient and 0.97 for a 4096 x 11008 matrix with singular values
 i^-0.5; q=2 keeps >= 0.99 on both for about 1.4x the time of q=1; spectra decaying like i^-1 are easy
 (>= 0.999 with q=1). Prefer power_iters=2 when the refresh cost allows. The Gaussian test matrix comes from a
-generator seeded by (seed, step // update_proj_gap): refreshes are reproducible, a checkpoint needs no
-RNG state, and every data-parallel rank that holds the same gradient draws the same sketch.
+generator seeded by (seed, step // update_proj_gap): refreshes are reproducible and a checkpoint needs no
+RNG state. GaLoreAdamW gives each parameter its own seed, derived from its name (`param_seed`).
 
 Choices where the papers leave things open (all matching galore-torch unless said otherwise):
 - The SVD always runs in fp32 on the full gradient, whatever its dtype; the basis is then stored in the
@@ -43,6 +43,7 @@ caller all-reduces. The refresh itself needs the full gradient (gathered by the 
 
 from __future__ import annotations
 
+import zlib
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -126,6 +127,13 @@ def randomized_basis(
     ub, _, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
     u = q @ ub[:, :rank] if side in ("left", "full") else None
     return _take(u, vh, rank, side)
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The sketch seed of one parameter: `seed` mixed with a stable hash (CRC-32) of its name, so that two
+    parameters of the same shape draw different test matrices at the same refresh (with one seed for all,
+    every q_proj of a model would be sketched by the same Gaussian matrix, correlating their errors)."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**32
 
 
 def sketch_seed(seed: int, refresh_index: int) -> int:
