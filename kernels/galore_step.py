@@ -380,11 +380,14 @@ def _check_int32_offsets(name: str, t: torch.Tensor) -> None:
 
 @torch.no_grad()
 def galore_adam_step_fused(param, grad, basis, side, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, scale,
-                           weight_decay, precision: str = "ieee", split_k: int | None = None) -> None:
+                           weight_decay, precision: str = "ieee", split_k: int | None = None,
+                           tiles: tuple | None = None) -> None:
     """galore_adam_step_reference's step as two fused Triton kernels, in place on param, exp_avg, exp_avg_sq.
 
     Any strides are accepted (transposed or sliced views included); broadcast views of the written tensors
-    are rejected. ``split_k`` forces the down-projection's K split (default: chosen from the SM count).
+    are rejected. ``split_k`` forces the down-projection's K split (default: chosen from the SM count);
+    ``tiles`` = (block_m, block_n, block_k, num_warps, num_stages) forces both kernels' tiles (default:
+    ``_tiles``), for scripts/bench_galore.py's sweep.
     """
     low_m, low_n = _check_args(param, grad, basis, side, exp_avg, exp_avg_sq, step)
     if precision not in PRECISIONS:
@@ -412,8 +415,11 @@ def galore_adam_step_fused(param, grad, basis, side, exp_avg, exp_avg_sq, *, ste
     up_a, up_b = (basis, n_buf) if side == "left" else (n_buf, basis)
 
     down_prec, up_prec = _dot_precision(precision, grad, basis), _dot_precision(precision, basis, n_buf)
-    down = _tiles(down_prec, max(grad.element_size(), basis.element_size()))
-    up = _tiles(up_prec, max(basis.element_size(), n_buf.element_size()))
+    if tiles is not None:
+        down = up = _Tiles(*tiles)
+    else:
+        down = _tiles(down_prec, max(grad.element_size(), basis.element_size()))
+        up = _tiles(up_prec, max(basis.element_size(), n_buf.element_size()))
     tiles = triton.cdiv(low_m, down.block_m) * triton.cdiv(low_n, down.block_n)
     k_steps = triton.cdiv(k_down, down.block_k)
     if split_k is None:

@@ -4,18 +4,25 @@
                                              [--out outputs/bench]
 
 Every ratio is measured against a baseline in the same run.
-1. memory: optimizer-state elements and bytes of every Llama preset, counted from the meta-device model
-   by running llmx's own projector on meta gradients (so the shapes are exactly what training holds):
-   GaLore (the galore2_* recipe's rank) against AdamW. Bytes at 2 per element (bf16 states, the GaLore
-   paper's convention) and, for 8-bit, 1 byte per moment element with bf16 projectors.
+1. memory: optimizer state per rank under FSDP2 at 1, 8 and 64 ranks for every Llama preset: llmx's
+   trainer setup (parallelize, the recipe's optimizer, one step) run on the meta-device model in a fake
+   process group (llmx.optim.galore.memory), so the bytes are those llmx allocates: each galore2_*
+   recipe against its adamw_* twin (goal: <= 0.5 at 8 and 64 ranks). Also the element ratio (the GaLore
+   paper's convention) and the refresh's transient buffer (one full fp32 gradient on its owner rank).
 2. svd: subspace refresh on the 4096x11008 and 4096x4096 shapes of Llama 7B at rank 1024, on REAL
    gradients: a one-layer model with the 7B layer shapes is trained 3 AdamW steps on the pydoc corpus
    (bytes as tokens), then the gradients of mlp.down_proj and self_attn.q_proj over 16 x 256 tokens are taken. Exact fp32 SVD against llmx's
    randomized range finder and torch.svd_lowrank, in time and in captured energy (fraction of the exact
-   top-r energy). Goal: >= 30x faster at >= 0.99 of the energy.
+   top-r energy; the reference singular values in float64 by an explicit QR-based driver, and no
+   orthonormal basis may exceed 1). Also what a bf16-stored basis keeps, and each projection precision's
+   error (ieee / bf16 as computed here, tf32 emulated by rounding the operands).
+2b. refresh (CPU): one refresh of 8 row-sharded weights on 2 gloo processes, llmx's owner-rank refresh
+   against every rank computing every basis (the design before it).
 3. step: steady-state optimizer step (no refresh) for the 7 weight matrices of one decoder layer: llmx
-   GaLoreAdamW against galore-torch's GaLoreAdamW and torch's fused AdamW (full rank). CPU: the 350M
-   layer (1024 / 2736) at rank 256; CUDA: the 7B layer (4096 / 11008) at rank 1024.
+   GaLoreAdamW at each projection precision (ieee, tf32 on CUDA, bf16 with a bf16 basis), PyTorch and
+   fused Triton paths, against galore-torch's GaLoreAdamW and torch's fused AdamW (full rank). CPU: the
+   350M layer (1024 / 2736) at rank 256; CUDA: the 7B layer (4096 / 11008) at rank 1024 (goals: <= 1.0x
+   fused AdamW with bf16, <= 1.3x with tf32).
 4. convergence: galore2_tiny against AdamW (pretrain_tiny) on the same data (the pylib corpus) and steps:
    each method's lr tuned on one seed, the best run on other seeds; validation loss mean +- standard error
    and the per-seed ratio (goal: within 3%). layerwise: peak resident memory (VmHWM on CPU) of GaLore with
@@ -62,41 +69,31 @@ def timed(fn, device: str, repeats: int = 3) -> float:
 
 
 # ---------------------------------------------------------------- 1. memory
-def bench_memory() -> dict:
+def bench_memory(worlds=(1, 8, 64)) -> dict:
+    """Optimizer state per rank under FSDP2: llmx's trainer setup run on the meta-device model in a fake
+    world of W ranks (llmx.optim.galore.memory), each galore2_llama* recipe against its adamw_llama*
+    twin; bytes as llmx allocates them (fp32 moments, bases in the recipe's basis_dtype)."""
     from llmx.config.compose import compose
     from llmx.models import build_model
-    from llmx.optim.galore import GaLoreProjector
+    from llmx.optim.galore.memory import optimizer_state_per_rank
 
     rows = []
     for size, rank in PRESETS.items():
-        cfg = compose([f"recipe=galore2_llama{size}"])
-        model = build_model(cfg.model, device="meta")
-        targets = list(cfg.optim.targets)
-        import fnmatch
-
-        adamw = galore_moments = projectors = other = 0
-        for name, p in model.named_parameters():
-            adamw += 2 * p.numel()
-            if p.ndim == 2 and any(fnmatch.fnmatch(name, pat) for pat in targets):
-                proj = GaLoreProjector(rank, proj_type="std", update_proj_gap=200, scale=0.25)
-                grad = torch.empty(p.shape, device="meta")
-                proj.refresh(grad, 0)
-                low = proj.project(grad)
-                galore_moments += 2 * low.numel()
-                projectors += sum(t.numel() for t in proj.basis().values())
-            else:
-                other += 2 * p.numel()
-        galore = galore_moments + projectors + other
-        rows.append({
-            "preset": size, "rank": rank, "parameters": sum(p.numel() for p in model.parameters()),
-            "adamw_state_elements": adamw, "galore_state_elements": galore,
-            "galore_moments": galore_moments, "galore_projectors": projectors, "non_galore_moments": other,
-            "adamw_gb_bf16": adamw * 2 / 1e9, "galore_gb_bf16": galore * 2 / 1e9,
-            "galore_over_adamw": galore / adamw,
-            # 8-bit: moments 1 byte/element, projectors kept in bf16; against 8-bit Adam (2 bytes/param).
-            "galore8bit_gb": (galore_moments + other) / 1e9 + projectors * 2 / 1e9, "adam8bit_gb": adamw / 1e9,
-        })
-        log(f"memory {size}: GaLore/AdamW = {rows[-1]['galore_over_adamw']:.3f}")
+        cfgs = {"galore": compose([f"recipe=galore2_llama{size}"]), "adamw": compose([f"recipe=adamw_llama{size}"])}
+        for world in worlds:
+            got = {k: optimizer_state_per_rank(lambda c=c: build_model(c.model, device="meta"), c.optim, world)
+                   for k, c in cfgs.items()}
+            g, a = got["galore"], got["adamw"]
+            rows.append({"preset": size, "rank": rank, "world_size": world, "basis_dtype":
+                         str(cfgs["galore"].optim.basis_dtype and cfgs["galore"].optim.basis_dtype.value),
+                         "adamw_gb": a["state"] / 1e9, "galore_gb": g["state"] / 1e9,
+                         "galore_moments_gb": g["moments"] / 1e9, "galore_bases_gb": g["bases"] / 1e9,
+                         "galore_over_adamw": g["state"] / a["state"],
+                         "refresh_transient_gb": g["largest_grad"] / 1e9,
+                         # the GaLore paper's convention: state elements (2 bytes each in bf16)
+                         "elements_ratio": (g["moments_elements"] + g["bases_elements"]) / a["moments_elements"]})
+            log(f"memory {size} W={world}: GaLore {g['state'] / 1e9:.3f} GB / AdamW {a['state'] / 1e9:.3f} GB "
+                f"= {rows[-1]['galore_over_adamw']:.3f}")
     return {"rows": rows}
 
 
@@ -136,6 +133,37 @@ def real_gradients(device: str) -> dict:
             "4096x4096 (self_attn.q_proj)": layer.self_attn.q_proj.weight.grad.float().clone()}
 
 
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32's 10-bit mantissa (to nearest, ties away from zero): what the tensor cores
+    multiply, for measuring TF32's error on a machine without them."""
+    i = x.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & -0x2000).view(torch.float32)
+
+
+def orthonormality_error(basis: torch.Tensor, side: str) -> float:
+    b = basis.double() if side == "right" else basis.double().T  # r x d, rows meant orthonormal
+    return float((b @ b.T - torch.eye(b.shape[0], dtype=torch.float64, device=b.device)).abs().max())
+
+
+def projection_errors(g64: torch.Tensor, basis: torch.Tensor, side: str, device: str) -> dict:
+    """Relative Frobenius error of the low-rank gradient computed with each `precision` against float64:
+    ieee and bf16 as llmx computes them on this device, tf32 emulated (operands rounded, then float64)."""
+    from llmx.optim.galore.projector import matmul
+
+    def low(a, b):
+        return (b.T @ a) if side == "left" else (a @ b.T)
+
+    g32, b32 = g64.float(), basis.float()
+    ref = low(g64, b32.double())
+    err = {}
+    for prec in ("ieee", "bf16"):
+        got = matmul(b32.T, g32, prec) if side == "left" else matmul(g32, b32.T, prec)
+        err[prec] = float((got.double() - ref).norm() / ref.norm())
+    err["tf32 (emulated)"] = float((low(_round_tf32(g32).double(), _round_tf32(b32).double()) - ref).norm()
+                                   / ref.norm())
+    return err
+
+
 def bench_svd(device: str, ranks=(1024, 128)) -> dict:
     """Rank 1024 is the 7B recipe's; on these gradients it holds essentially all the energy (a weight
     gradient is a sum of per-token outer products, and real ones are close to low rank: GaLore's premise),
@@ -146,20 +174,31 @@ def bench_svd(device: str, ranks=(1024, 128)) -> dict:
     grads = real_gradients(device)
     rows = []
     for name, g in grads.items():
-        # The exact SVD is timed once on CPU (about 30 s for 4096 x 11008); its singular values give the
-        # denominator of every captured-energy figure: the sum of the top-r squared values.
+        # The exact fp32 SVD (GaLore 1's refresh, the default driver) is what is timed. The denominator of
+        # every captured-energy figure (the sum of the top-r squared singular values) comes from a
+        # separate float64 SVD with the QR-based driver: on CUDA the default driver may be iterative, and
+        # an inexact denominator once gave "energies" of 1.0012.
         sync(device)
         t = time.perf_counter()
-        S = torch.linalg.svd(g, full_matrices=False).S
+        torch.linalg.svd(g, full_matrices=False)
         sync(device)
         t_exact = time.perf_counter() - t
         if device == "cuda":
             t_exact = min(t_exact, timed(lambda: torch.linalg.svd(g, full_matrices=False), device))
+        S = torch.linalg.svdvals(g.double(), driver="gesvd" if device == "cuda" else None)
+        g64 = g.double()
         for rank in ranks:
-            top = float(S[:rank].double().square().sum())
+            top = float(S[:rank].square().sum())
 
-            def energy(low: torch.Tensor) -> float:
-                return float(low.double().square().sum()) / top
+            def energy(basis: torch.Tensor, side: str) -> float:
+                """Captured energy of the subspace a basis spans, in float64. The basis is orthonormalised
+                first (QR): an fp32 basis is orthonormal only to about 1e-6, enough to push a near-1
+                energy over 1, and the subspace is what the refresh is judged by. Cannot exceed 1."""
+                q = torch.linalg.qr(basis.double() if side == "left" else basis.double().T).Q
+                low = q.T @ g64 if side == "left" else g64 @ q
+                e = float(low.square().sum()) / top
+                assert e <= 1 + 1e-9, f"captured energy {e} > 1: the reference is not exact"
+                return e
 
             variants = {}
             for label, kw in [("llmx randomized, 0 power iterations", dict(power_iters=0)),
@@ -167,19 +206,90 @@ def bench_svd(device: str, ranks=(1024, 128)) -> dict:
                               ("llmx randomized, 2 power iterations", dict(power_iters=2))]:
                 proj = GaLoreProjector(rank, proj_type="std", svd="randomized", oversample=10, **kw)
                 secs = timed(lambda: proj.refresh(g, 0), device)
-                variants[label] = {"seconds": secs, "speedup": t_exact / secs, "energy": energy(proj.project(g))}
+                variants[label] = {"seconds": secs, "speedup": t_exact / secs,
+                                   "energy": energy(proj.basis()["P"], proj.side)}
             # torch.svd_lowrank as a second randomized baseline (q = r + 10, niter = 2), on the smaller side
             mat = g.T if g.shape[0] >= g.shape[1] else g
             secs = timed(lambda: torch.svd_lowrank(mat, q=rank + 10, niter=2), device)
             U = torch.svd_lowrank(mat, q=rank + 10, niter=2)[0][:, :rank]
+            side = "right" if g.shape[0] >= g.shape[1] else "left"
             variants["torch.svd_lowrank(q=r+10, niter=2)"] = {
-                "seconds": secs, "speedup": t_exact / secs, "energy": energy(U.T @ mat)}
-            total = float(S.double().square().sum())
+                "seconds": secs, "speedup": t_exact / secs, "energy": energy(U.T if side == "right" else U, side)}
+            exact = GaLoreProjector(rank, proj_type="std", svd="exact")
+            exact.refresh(g, 0)
+            total = float(S.square().sum())
             rows.append({"gradient": name, "rank": rank, "exact_seconds": t_exact,
+                         "exact_energy": energy(exact.basis()["P"], exact.side),
+                         # storing the exact basis in bf16 (optim.basis_dtype=bf16): the subspace it spans,
+                         # and how far from orthonormal it is (max |P P^T - I|, which scales the update)
+                         "exact_bf16_basis_energy": energy(exact.basis()["P"].bfloat16(), exact.side),
+                         "bf16_basis_orthonormality_error": orthonormality_error(exact.basis()["P"].bfloat16(),
+                                                                                 exact.side),
+                         "projection_error": projection_errors(g64, exact.basis()["P"], exact.side, device),
                          "top_r_energy_fraction_of_total": top / total, "variants": variants})
             log(f"svd {name} r={rank}: exact {t_exact:.2f}s; " + "; ".join(
                 f"{k}: {v['seconds']:.3f}s ({v['speedup']:.0f}x) energy {v['energy']:.5f}" for k, v in variants.items()))
     return {"rows": rows}
+
+
+# ---------------------------------------------------------------- 2b. refresh under FSDP
+REFRESH_WORKER = r"""
+import json, sys, time
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from llmx.optim.galore.fsdp import refresh, shard_view
+from llmx.optim.galore.projector import GaLoreProjector
+
+out, params, m, n, rank, svd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+g = torch.Generator().manual_seed(0)
+views = []
+for i in range(params):
+    p = distribute_tensor(torch.zeros(m, n), mesh, [Shard(0)])
+    p.grad = distribute_tensor(torch.randn(m, n, generator=g), mesh, [Shard(0)])
+    views.append(shard_view(p))
+
+def fresh():
+    return [GaLoreProjector(rank, "std", svd=svd, seed=i) for i in range(params)]
+
+times = {"owner rank (llmx)": [], "every rank computes every basis": []}
+for _ in range(2):
+    projs = fresh()
+    dist.barrier(); t = time.perf_counter()
+    refresh([(pr, v, 0) for pr, v in zip(projs, views)])
+    dist.barrier(); times["owner rank (llmx)"].append(time.perf_counter() - t)
+    projs = fresh()
+    dist.barrier(); t = time.perf_counter()
+    for pr, v in zip(projs, views):
+        pr.refresh(v.full_grad(), 0)
+    dist.barrier(); times["every rank computes every basis"].append(time.perf_counter() - t)
+if dist.get_rank() == 0:
+    json.dump({k: min(v) for k, v in times.items()}, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+def bench_refresh_dist(nproc: int = 2, params: int = 8, m: int = 2048, n: int = 1024, rank: int = 256,
+                       svd: str = "exact") -> dict:
+    """Wall time of one refresh of `params` row-sharded m x n weights on `nproc` CPU processes (gloo, one
+    thread each): llmx's owner-rank refresh (each basis computed once, by one rank, the ranks in parallel)
+    against every rank computing every basis from the all-gathered gradient (the design it replaced)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = Path(tmp) / "worker.py", Path(tmp) / "out.json"
+        script.write_text(REFRESH_WORKER)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), str(out), str(params), str(m), str(n), str(rank), svd]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"refresh worker failed:\n{proc.stderr[-3000:]}")
+        times = json.loads(out.read_text())
+    base = times["every rank computes every basis"]
+    log("refresh under FSDP: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+    return {"nproc": nproc, "params": params, "shape": [m, n], "rank": rank, "svd": svd, "seconds": times,
+            "speedup": base / times["owner rank (llmx)"]}
 
 
 # ---------------------------------------------------------------- 3. step
@@ -217,9 +327,12 @@ def bench_step(device: str) -> dict:
         log(f"step {label}: {results[label] * 1e3:.2f} ms")
 
     run(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), "torch AdamW (fused, full rank)")
-    run(lambda ps: GaLoreAdamW([{"params": ps, **group}], lr=1e-3), "llmx GaLoreAdamW")
-    if device == "cuda":
-        run(lambda ps: GaLoreAdamW([{"params": ps, **group}], lr=1e-3, fused=True), "llmx GaLoreAdamW (fused Triton)")
+    for prec in ("ieee", "tf32", "bf16") if device == "cuda" else ("ieee", "bf16"):
+        kw = {**group, "precision": prec, "basis_dtype": "bf16" if prec == "bf16" else None}
+        run(lambda ps: GaLoreAdamW([{"params": ps, **kw}], lr=1e-3), f"llmx GaLoreAdamW {prec}")
+        if device == "cuda":
+            run(lambda ps: GaLoreAdamW([{"params": ps, **kw}], lr=1e-3, fused=True),
+                f"llmx GaLoreAdamW {prec} (fused Triton)")
     try:
         from galore_torch import GaLoreAdamW as RefGaLore
 
@@ -227,9 +340,65 @@ def bench_step(device: str) -> dict:
     except ImportError as e:
         log(f"galore-torch unavailable: {e}")
     base = results["torch AdamW (fused, full rank)"]
-    return {"shape": {"hidden": hidden, "intermediate": inter, "rank": rank},
-            "ms": {k: v * 1e3 for k, v in results.items()},
-            "over_fused_adamw": {k: v / base for k, v in results.items()}}
+    out = {"shape": {"hidden": hidden, "intermediate": inter, "rank": rank},
+           "ms": {k: v * 1e3 for k, v in results.items()},
+           "over_fused_adamw": {k: v / base for k, v in results.items()}}
+    if device == "cuda":
+        out["fused_tiles"] = sweep_fused_tiles(hidden, inter, rank)
+    return out
+
+
+# Candidate (block_m, block_n, block_k, num_warps, num_stages) for the tensor-core precisions; the kernel's
+# defaults (_tiles) are untuned starting points.
+TILE_CANDIDATES = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                   (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4)]
+
+
+def sweep_fused_tiles(hidden: int, inter: int, rank: int, device: str = "cuda", candidates=None) -> dict:
+    """Time the fused step per tile shape at the 7B layer's two projected shapes (down_proj: left,
+    gate/up: right) for tf32 and bf16 (bf16 basis), against the same step through cuBLAS (the PyTorch
+    path): the measurement that says whether the fused kernel is worth its place, and with which tiles."""
+    from llmx.kernels.galore_step import galore_adam_step_fused
+    from llmx.optim.galore.projector import matmul
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for (m, n), side in (((inter, hidden), "right"), ((hidden, inter), "left")):
+        w = torch.randn(m, n, generator=g).mul_(0.02).to(device)
+        grad = torch.randn(m, n, generator=g).mul_(1e-3).to(device)
+        q = torch.linalg.qr(torch.randn(m if side == "left" else n, rank, generator=g)).Q  # orthonormal columns
+        basis32 = (q if side == "left" else q.T).contiguous().to(device)
+        low_shape = (rank, n) if side == "left" else (m, rank)
+        for prec in ("tf32", "bf16"):
+            basis = basis32.bfloat16() if prec == "bf16" else basis32
+            ma, va = torch.zeros(low_shape, device=device), torch.zeros(low_shape, device=device)
+
+            def cublas():  # the PyTorch path's two GEMMs and elementwise Adam, same precision
+                low = matmul(basis.T, grad, prec) if side == "left" else matmul(grad, basis.T, prec)
+                ma.mul_(0.9).add_(low, alpha=0.1)
+                va.mul_(0.999).addcmul_(low, low, value=0.001)
+                upd = ma / va.sqrt().add_(1e-6)
+                if prec == "bf16":
+                    w.add_(matmul(basis, upd, prec) if side == "left" else matmul(upd, basis, prec), alpha=-1e-6)
+                else:
+                    w.addmm_(basis, upd, alpha=-1e-6) if side == "left" else w.addmm_(upd, basis, alpha=-1e-6)
+
+            times = {"cublas": timed(cublas, device, repeats=10)}
+            for tiles in [None, *(TILE_CANDIDATES if candidates is None else candidates)]:
+                def fused(tiles=tiles):
+                    galore_adam_step_fused(w, grad, basis, side, ma, va, step=10, lr=1e-6, beta1=0.9, beta2=0.999,
+                                           eps=1e-6, scale=0.25, weight_decay=0.0, precision=prec, tiles=tiles)
+                try:
+                    fused()  # compile
+                    times["default" if tiles is None else str(tiles)] = timed(fused, device, repeats=10)
+                except Exception as e:  # a tile shape that does not fit the shared memory
+                    log(f"tiles {tiles}: {type(e).__name__}: {str(e)[:120]}")
+            best = min((k for k in times if k != "cublas"), key=times.get)
+            rows.append({"shape": [m, n], "side": side, "precision": prec, "ms": {k: v * 1e3 for k, v in times.items()},
+                         "best_tiles": best, "best_over_cublas": times[best] / times["cublas"]})
+            log(f"tiles {m}x{n} {side} {prec}: cuBLAS {times['cublas'] * 1e3:.3f} ms, default fused "
+                f"{times.get('default', float('nan')) * 1e3:.3f} ms, best {best} {times[best] * 1e3:.3f} ms")
+    return {"rows": rows}
 
 
 # ---------------------------------------------------------------- 4. convergence
@@ -293,7 +462,7 @@ def bench_layerwise() -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="memory,svd,step,convergence,layerwise")
+    ap.add_argument("--sections", default="memory,svd,refresh,step,convergence,layerwise")
     ap.add_argument("--adamw-lrs", default="2e-3,3e-3,5e-3,1e-2", help="convergence: AdamW lr grid")
     ap.add_argument("--galore-lrs", default="5e-3,1e-2,2e-2,3e-2", help="convergence: GaLore lr grid")
     ap.add_argument("--tune-seed", type=int, default=0, help="convergence: the seed lrs are tuned on")
@@ -308,6 +477,8 @@ def main():
         result["memory"] = bench_memory()
     if "svd" in sections:
         result["svd"] = bench_svd(args.device)
+    if "refresh" in sections and args.device == "cpu":
+        result["refresh"] = bench_refresh_dist()
     if "step" in sections:
         result["step"] = bench_step(args.device)
     if "convergence" in sections and args.device == "cpu":
@@ -321,24 +492,37 @@ def main():
 
     print(f"\nGaLore benchmarks on {card} ({args.device})")
     if "memory" in result:
-        print("\n1. optimizer-state memory (bf16 bytes), GaLore at the galore2 recipe rank vs AdamW")
-        print(f"{'preset':<7}{'rank':>6}{'AdamW GB':>10}{'GaLore GB':>11}{'ratio':>8}{'8-bit GaLore GB':>17}{'8-bit Adam GB':>15}")
+        print("\n1. optimizer state per rank under FSDP2 (bytes llmx allocates), galore2 recipe vs AdamW")
+        print(f"{'preset':<7}{'rank':>6}{'ranks':>6}{'basis':>6}{'AdamW GB':>10}{'GaLore GB':>11}{'ratio':>8}"
+              f"{'refresh buffer GB':>19}")
         for r in result["memory"]["rows"]:
-            print(f"{r['preset']:<7}{r['rank']:>6}{r['adamw_gb_bf16']:>10.2f}{r['galore_gb_bf16']:>11.2f}"
-                  f"{r['galore_over_adamw']:>8.3f}{r['galore8bit_gb']:>17.2f}{r['adam8bit_gb']:>15.2f}")
+            print(f"{r['preset']:<7}{r['rank']:>6}{r['world_size']:>6}{r['basis_dtype']:>6}{r['adamw_gb']:>10.3f}"
+                  f"{r['galore_gb']:>11.3f}{r['galore_over_adamw']:>8.3f}{r['refresh_transient_gb']:>19.3f}")
     if "svd" in result:
         print("\n2. subspace refresh on real gradients (time, speed-up over exact SVD, captured energy)")
         for r in result["svd"]["rows"]:
             print(f"{r['gradient']}, rank {r['rank']}: exact SVD {r['exact_seconds']:.2f} s "
-                  f"(top-r energy = {r['top_r_energy_fraction_of_total']:.4f} of the total)")
+                  f"(top-r energy = {r['top_r_energy_fraction_of_total']:.4f} of the total); exact basis energy "
+                  f"{r['exact_energy']:.7f}, stored in bf16 {r['exact_bf16_basis_energy']:.7f} (max |PP^T - I| "
+                  f"{r['bf16_basis_orthonormality_error']:.1e}); projection error "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in r["projection_error"].items()))
             for k, v in r["variants"].items():
                 print(f"   {k:<40}{v['seconds']:>8.3f} s{v['speedup']:>8.1f}x  energy {v['energy']:.5f}")
+    if "refresh" in result:
+        r = result["refresh"]
+        print(f"\n2b. one refresh of {r['params']} row-sharded {r['shape'][0]}x{r['shape'][1]} weights, rank "
+              f"{r['rank']} ({r['svd']} SVD), {r['nproc']} processes: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()) + f"; speed-up {r['speedup']:.2f}x")
     if "step" in result:
         s = result["step"]
         print(f"\n3. optimizer step, 7 matrices of one layer (hidden {s['shape']['hidden']}, "
               f"ffn {s['shape']['intermediate']}, rank {s['shape']['rank']})")
         for k, v in s["ms"].items():
             print(f"   {k:<40}{v:>9.2f} ms{s['over_fused_adamw'][k]:>8.2f}x fused AdamW")
+        for r in s.get("fused_tiles", {}).get("rows", []):
+            print(f"   fused tiles {r['shape'][0]}x{r['shape'][1]} {r['side']} {r['precision']}: cuBLAS "
+                  f"{r['ms']['cublas']:.3f} ms, best {r['best_tiles']} {r['ms'][r['best_tiles']]:.3f} ms "
+                  f"({r['best_over_cublas']:.2f}x cuBLAS)")
     if "convergence" in result:
         c = result["convergence"]
         print(f"\n4. convergence over {c['steps']} steps (validation loss; lr tuned on seed {args.tune_seed}, "

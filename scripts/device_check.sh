@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks of the Triton kernels (GaLore step, R-Sparse decode), for a session that has a GPU machine
-# (one H100: < 8 minutes for both groups).
+# GPU checks of GaLore (FSDP2 with NCCL, the fused step at each projection precision) and of the
+# R-Sparse decode kernel, for a session that has a GPU machine (one H100: < 8 minutes for both groups).
 #
 #   bash scripts/device_check.sh            # results and a log in ${OUT:-outputs/device}
 #
@@ -68,8 +68,12 @@ CHECKS=${CHECKS:-"galore rsparse"}
 if [[ " $CHECKS " == *" galore "* ]]; then
   # -s shows the measured parity errors ("galore-parity ...") next to the tolerances they are held to.
   step "pytest tests/test_galore_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_galore_kernels.py
+  # FSDP2 on CUDA with NCCL: one GPU (FSDP forced over a world of one), two processes where there are two
+  # GPUs; sharded projector state, owner-rank refresh and the DCP round trip, against the CPU run.
+  step "pytest tests/test_galore_dist.py -k cuda" timeout 240 "$PY" -P -m pytest -q -s tests/test_galore_dist.py -k cuda
   # svd and step only: the memory section composes recipes (Hydra) and gives the same figures on any device.
-  step "bench_galore.py" timeout 200 "$PY" -P scripts/bench_galore.py --device cuda --sections svd,step --out "$OUT_DIR"
+  # step: ieee / tf32 / bf16 projections, PyTorch and fused paths, against fused AdamW at the 7B layer.
+  step "bench_galore.py" timeout 240 "$PY" -P scripts/bench_galore.py --device cuda --sections svd,step --out "$OUT_DIR"
 fi
 if [[ " $CHECKS " == *" rsparse "* ]]; then
   # "rsparse-parity ..." lines: the fused decode kernel against its fp32 reference, bf16 at the 7B shapes.

@@ -205,7 +205,8 @@ from torch import nn
 from llmx.optim import GaLoreAdamW
 calls = []
 fused = ks.galore_adam_step_fused
-ks.galore_adam_step_fused = lambda *a, **k: (calls.append(a[3]), fused(*a, **k))
+ks.galore_adam_step_fused = lambda *a, **k: (calls.append(a[3]), precisions.append(k["precision"]), fused(*a, **k))
+precisions = []
 torch.manual_seed(0)
 a = nn.Sequential(nn.Linear(48, 20), nn.Tanh(), nn.Linear(20, 64))
 b = copy.deepcopy(a)
@@ -220,11 +221,73 @@ for _ in range(6):
 d = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 assert sorted(set(calls)) == ["left", "right"] and len(calls) == 12, calls
 assert d < 1e-6, d
-print("fused ok", d)
+# bf16 operands with a bf16 basis, fused and PyTorch: the same rounding of the same operands
+c, e = copy.deepcopy(a), copy.deepcopy(a)
+def bf16(m):
+    return [{**g, "precision": "bf16", "basis_dtype": "bf16"} if "rank" in g else g for g in groups(m)]
+oc, oe = GaLoreAdamW(bf16(c), lr=1e-2), GaLoreAdamW(bf16(e), lr=1e-2, fused=True)
+for _ in range(3):
+    for m, o in ((c, oc), (e, oe)):
+        o.zero_grad(); m(x).pow(2).mean().backward(); o.step()
+assert precisions[12:] == ["bf16"] * 6, precisions
+d16 = max((p - q).abs().max().item() for p, q in zip(c.parameters(), e.parameters()))
+assert d16 < 1e-3, d16
+print("fused ok", d, d16)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "fused ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_same_shape_parameters_draw_different_sketches():
+    """Two weights with identical gradients: each draws its own Gaussian test matrix (seeded from its
+    name), so their randomized bases differ; the same name gives the same basis again."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 40)
+    x = torch.randn(8, 40)
+
+    def bases(names):
+        ps = [nn.Parameter(w.clone()) for _ in names]
+        opt = GaLoreAdamW([{"params": ps, "param_names": names, "rank": 4, "svd": "randomized", "power_iters": 0}])
+        for p in ps:
+            (x @ p.T).pow(2).sum().backward()
+        opt.step()
+        return [opt._projectors[p].basis()["P"] for p in ps]
+
+    a, b = bases(["layers.0.q_proj.weight", "layers.1.q_proj.weight"])
+    assert not torch.allclose(a, b, atol=1e-3)
+    (again,) = bases(["layers.1.q_proj.weight"])
+    assert torch.equal(again, b)
+
+
+def test_projection_precision_and_basis_dtype():
+    from llmx.optim.galore import GaLoreProjector
+
+    g = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    ref = GaLoreProjector(8, "std")
+    ref.refresh(g, 0)
+    low = ref.project(g)
+    half = GaLoreProjector(8, "std", precision="bf16", basis_dtype="bf16")
+    half.refresh(g, 0)
+    assert half.state_dict()["P"].dtype == torch.bfloat16 and half.project(g).dtype == torch.float32
+    err = float((half.project(g) - low).norm() / low.norm())
+    assert 1e-5 < err < 2e-2, err  # rounded operands, not exact, not wrong
+    upd = torch.randn(64, 8)
+    w1, w2 = torch.zeros(64, 48), torch.zeros(64, 48)
+    ref.add_back_(w1, upd, -0.5)
+    half.add_back_(w2, upd, -0.5)
+    assert float((w2 - w1).norm() / w1.norm()) < 2e-2
+    with pytest.raises(ValueError, match=r"precision must be one of \('ieee', 'tf32', 'bf16'\), got 'fp8'"):
+        GaLoreProjector(8, precision="fp8")
+    with pytest.raises(ValueError, match="basis_dtype must be one of"):
+        GaLoreProjector(8, basis_dtype="fp16")
+
+
+def test_config_refuses_an_unknown_precision():
+    from llmx.config.compose import ConfigError, compose
+
+    with pytest.raises(ConfigError, match="precision"):
+        compose(["recipe=galore2_tiny", "optim.precision=fp8"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -94,13 +94,19 @@ def test_galore2_tiny_under_two_process_fsdp_matches_one_process(galore_ref):
     """Plain GaLore and layer-wise GaLore (with accumulation) through the trainer under torchrun."""
     tmp, ref = galore_ref
     fsdp = ["launcher=torchrun", "launcher.nproc_per_node=2"]
-    run_llmx([*GALORE_TINY, *fsdp, f"hydra.run.dir={tmp / 'fsdp'}"], cwd=tmp, check=True)
-    a, b = train_losses(ref), train_losses(tmp / "fsdp")
+    # Exact SVD: the two runs' gradients differ by the rounding of FSDP's reduction order (1e-7), and
+    # the randomized range finder's rank-8 basis of these early gradients amplifies that to 4e-4 in the
+    # loss within 12 steps (measured), while the exact one stays within 1e-7. That the owner rank's
+    # randomized basis is the one-process basis, bit for bit, is test_galore_dist's refresh check.
+    exact = ["optim.svd=exact"]
+    run_llmx([*GALORE_TINY, *exact, f"hydra.run.dir={tmp / 'exact'}"], cwd=tmp, check=True)
+    run_llmx([*GALORE_TINY, *exact, *fsdp, f"hydra.run.dir={tmp / 'fsdp'}"], cwd=tmp, check=True)
+    a, b = train_losses(tmp / "exact"), train_losses(tmp / "fsdp")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
 
-    noclip = ["optim.grad_clip=null"]
+    noclip = ["optim.grad_clip=null", *exact]
     run_llmx([*GALORE_TINY, *noclip, f"hydra.run.dir={tmp / 'noclip'}"], cwd=tmp, check=True)
     # micro-batch 2 over 2 ranks: 2 micro-batches per step, stepped inside backward on the last one.
     run_llmx([*GALORE_TINY, *noclip, *fsdp, "optim.in_backward=true", "trainer.micro_batch_size=2",

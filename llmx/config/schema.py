@@ -173,6 +173,17 @@ class MomentPolicy(str, Enum):
     reset = "reset"  # zero both moments at each refresh
 
 
+class ProjPrecision(str, Enum):
+    ieee = "ieee"  # fp32 operands and products (the oracle)
+    tf32 = "tf32"  # fp32 operands, TF32 tensor cores on CUDA
+    bf16 = "bf16"  # bf16 operands, fp32 accumulation
+
+
+class BasisDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 @dataclass
 class GaLoreOptimConfig(OptimConfig):
     """GaLore / GaLore 2 (llmx.optim.galore). Parameters matching `targets` (2-D weights of attention and
@@ -195,6 +206,8 @@ class GaLoreOptimConfig(OptimConfig):
     tucker: bool = True  # parameters with more than 2 dims get a Tucker projector
     optim_bits: int = 32  # 8: 8-bit Adam states through bitsandbytes
     fused: bool = False  # Triton fused step (CUDA); the PyTorch path otherwise
+    precision: ProjPrecision = ProjPrecision.ieee  # how the projection GEMMs multiply (both paths)
+    basis_dtype: Optional[BasisDtype] = None  # how the basis is stored; null: the gradient's dtype
 
 
 class Precision(str, Enum):

@@ -63,14 +63,15 @@ from typing import Dict, Optional
 import torch
 from torch.optim import Optimizer
 
-from llmx.optim.galore.fsdp import ShardView, make_identical, shard_view
+from llmx.optim.galore.fsdp import ShardView, refresh, shard_view
 from llmx.optim.galore.projector import GaLoreProjector, param_seed
 from llmx.optim.galore.tucker import TuckerProjector, mode_dot
 
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 PROJ = "projector."  # prefix of the projector's tensors inside a parameter's state
 # Optional GaLore group keys, passed to the projector only when present (its defaults apply otherwise).
-_PROJECTOR_OPTIONS = ("svd", "oversample", "power_iters", "seed", "quant_bits", "quant_group_size")
+_PROJECTOR_OPTIONS = ("svd", "oversample", "power_iters", "seed", "quant_bits", "quant_group_size", "precision",
+                      "basis_dtype")
 
 
 def _value(x):
@@ -97,9 +98,10 @@ class GaLoreAdamW(Optimizer):
 
     Group keys (as galore-torch): `rank` (marks the group as GaLore), `update_proj_gap` (T, default
     200), `scale` (alpha, default 1.0), `proj_type` (std, reverse_std, left, right, full; default std),
-    and optionally `svd` (exact / randomized), `oversample`, `power_iters`, `seed`, `quant_bits`,
-    `quant_group_size`; `moments` and `fused` may also be set per group. 2-D parameters of such a group
-    get a GaLoreProjector, parameters with more dims a TuckerProjector, 1-D ones plain AdamW.
+    and optionally `svd` (exact / randomized), `oversample`, `power_iters`, `seed`, `precision`,
+    `basis_dtype`, `quant_bits`, `quant_group_size`; `moments` and `fused` may also be set per group.
+    2-D parameters of such a group get a GaLoreProjector, parameters with more dims a TuckerProjector,
+    1-D ones plain AdamW. `param_names` (torch's named groups) seeds each parameter's sketch.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
@@ -168,11 +170,12 @@ class GaLoreAdamW(Optimizer):
             state[PROJ + k] = v
 
     # ------------------------------------------------------------------ moment storage (8-bit overrides)
-    def _init_moments(self, state: dict, local: torch.Tensor, view: Optional[ShardView]) -> None:
-        """Zero moments shaped like `local`; row-sharded DTensors when `view` is given."""
+    def _init_moments(self, state: dict, local: torch.Tensor, view: Optional[ShardView], rows: int) -> None:
+        """Zero moments shaped like `local`: under FSDP this rank's rows of a dim-0-sharded DTensor with
+        `rows` global rows (`view` None: whole tensors)."""
         for key in ("exp_avg", "exp_avg_sq"):
             z = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
-            state[key] = view.like_rows(z) if view is not None else z
+            state[key] = view.shard(z, rows) if view is not None else z
 
     def _read_moments(self, state: dict):
         """fp32 local tensors of M and V; modified in place or passed back to _write_moments."""
@@ -188,7 +191,7 @@ class GaLoreAdamW(Optimizer):
         if not group["fused"] or proj.side not in ("left", "right") or not group["correct_bias"]:
             return False
         if view.sharded and proj.side == "left":
-            return False  # the partial sums must be all-reduced between projection and Adam
+            return False  # the partial sums are reduce-scattered between projection and Adam
         from llmx.kernels.galore_step import fused_available
 
         return fused_available(view.param.device)
@@ -200,18 +203,45 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
-            galore = "rank" in group
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                if galore and p.ndim >= 2:
-                    self._galore_step(p, group)
-                else:
-                    self._plain_step(p, group)
+                work.append((p, group, "rank" in group and p.ndim >= 2))
+        # Every due subspace first, together: under FSDP the SVDs are spread over the ranks (fsdp.py).
+        self._refresh_due([(p, group) for p, group, galore in work if galore])
+        for p, group, galore in work:
+            if galore:
+                self._galore_step(p, group)
+            else:
+                self._plain_step(p, group)
         return loss
+
+    def _refresh_due(self, params) -> None:
+        items, due = [], []
+        for p, group in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                if group["moments"] == "reset":
+                    state["moment_step"] = torch.tensor(0.0)
+            proj = self._projector(p, group, state)
+            step = int(state["step"])
+            if not proj.needs_refresh(step):
+                continue
+            view = shard_view(p)
+            reproject = group["moments"] == "reproject" and proj.side is not None and "exp_avg" in state
+            old = {k: u.clone() for k, u in _mode_factors(proj).items()} if reproject else None
+            items.append((proj, view, step))
+            due.append((group, state, old))
+        refresh(items)
+        for (proj, view, _), (group, state, old) in zip(items, due):
+            self._store_projector(state, proj)
+            if "exp_avg" in state:
+                self._new_subspace(state, proj, old, group["moments"], view)
 
     @staticmethod
     def _count(state: dict) -> int:
@@ -238,75 +268,70 @@ class GaLoreAdamW(Optimizer):
         self._write_moments(state, m, v)
         return norm
 
-    @staticmethod
-    def _apply(param: torch.Tensor, update: torch.Tensor, step_size: float, group: dict) -> None:
-        if group["lr"] == 0:
-            return
-        param.add_(update, alpha=-step_size)
-        if group["weight_decay"] > 0.0:
-            param.add_(param, alpha=-group["lr"] * group["weight_decay"])
-
     def _plain_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         view = shard_view(p)
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            self._init_moments(state, view.param, view if view.full is not None else None)
+            self._init_moments(state, view.param, view, p.shape[0] if p.ndim else 1)
         t = self._count(state)
         norm = self._adam(state, view.grad.float(), group)
-        self._apply(view.param, norm, self._step_size(group, t), group)
+        if group["lr"] == 0:
+            return
+        view.param.add_(norm, alpha=-self._step_size(group, t))
+        if group["weight_decay"] > 0.0:
+            view.param.add_(view.param, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _moment_rows(proj, p: torch.Tensor) -> int:
+        """Global rows of a projected parameter's moments: the weight's (right) or the rank's (left, full)."""
+        return p.shape[0] if proj.side == "right" else proj.rank
 
     def _galore_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         view = shard_view(p)
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            if group["moments"] == "reset":
-                state["moment_step"] = torch.tensor(0.0)
         proj = self._projector(p, group, state)
-        step = int(state["step"])
-        if proj.needs_refresh(step):
-            reproject = group["moments"] == "reproject" and proj.side is not None and "exp_avg" in state
-            old = {k: u.clone() for k, u in _mode_factors(proj).items()} if reproject else None
-            proj.refresh(view.full_grad(), step)
-            make_identical(proj, view)
-            self._store_projector(state, proj)
-            if "exp_avg" in state:
-                self._new_subspace(state, proj, old, group["moments"])
-
-        row_local = proj.side == "right"  # moments follow the parameter's rows; else replicated
-        if self._can_fuse(group, proj, view):
-            self._fused_step(p, group, state, proj, view)
-            return
-        low = proj.project(view.grad, rows=view.rows).float()
-        if view.sharded and not row_local:
-            view.sum_rows(low)
-        if "exp_avg" not in state:
-            self._init_moments(state, low, view if row_local and view.full is not None else None)
-        t = self._count(state)
-        norm = self._adam(state, low, group)
-        if group["lr"] == 0:
-            return
-        proj.add_back_(view.param, norm, -self._step_size(group, t), rows=view.rows)
-        if group["weight_decay"] > 0.0:
-            view.param.add_(view.param, alpha=-group["lr"] * group["weight_decay"])
+        try:
+            if self._can_fuse(group, proj, view):
+                return self._fused_step(p, group, state, proj, view)
+            tucker = isinstance(proj, TuckerProjector)
+            low = proj.project(view.grad, rows=view.rows).float()
+            summed = view.sharded and proj.side != "right"  # low is this rank's partial sum
+            if summed:
+                low = view.all_reduce(low) if tucker else view.reduce_scatter(low)
+            rows = self._moment_rows(proj, p)
+            if "exp_avg" not in state:
+                self._init_moments(state, low, None if tucker else view, rows)
+            t = self._count(state)
+            norm = self._adam(state, low, group)
+            if group["lr"] == 0:
+                return
+            if summed and not tucker:
+                norm = view.all_gather(norm, rows)
+            proj.add_back_(view.param, norm, -self._step_size(group, t), rows=view.rows)
+            if group["weight_decay"] > 0.0:
+                view.param.add_(view.param, alpha=-group["lr"] * group["weight_decay"])
+        finally:
+            if hasattr(proj, "release"):
+                proj.release()
 
     def _fused_step(self, p, group, state, proj, view: ShardView) -> None:
         from llmx.kernels.galore_step import galore_adam_step_fused
 
-        basis = proj.basis()["P"]
+        basis = proj.factor("P", view.param.device)  # storage dtype; a right basis gathered whole
         if "exp_avg" not in state:
-            left = proj.side == "left"
-            shape = (basis.shape[1], view.param.shape[1]) if left else (view.param.shape[0], basis.shape[0])
-            self._init_moments(state, torch.empty(shape, device=view.param.device),
-                               view if proj.side == "right" and view.full is not None else None)
+            shape = (proj.rank, view.param.shape[1]) if proj.side == "left" else (view.param.shape[0], proj.rank)
+            self._init_moments(state, torch.empty(shape, device=view.param.device), view, self._moment_rows(proj, p))
         t = self._count(state)
         beta1, beta2 = group["betas"]
         m, v = self._read_moments(state)
         galore_adam_step_fused(view.param, view.grad, basis, proj.side, m, v, step=t, lr=group["lr"], beta1=beta1,
-                               beta2=beta2, eps=group["eps"], scale=proj.scale, weight_decay=group["weight_decay"])
+                               beta2=beta2, eps=group["eps"], scale=proj.scale, weight_decay=group["weight_decay"],
+                               precision=proj.precision)
+        self._write_moments(state, m, v)
 
-    def _new_subspace(self, state: dict, proj, old: Optional[Dict[int, torch.Tensor]], policy: str) -> None:
+    def _new_subspace(self, state: dict, proj, old: Optional[Dict[int, torch.Tensor]], policy: str,
+                      view: ShardView) -> None:
         if policy == "keep" or (policy == "reproject" and old is None):
             return  # (no previous basis, e.g. a state saved without one: nothing to rotate from)
         m, v = self._read_moments(state)
@@ -314,12 +339,19 @@ class GaLoreAdamW(Optimizer):
             m.zero_()
             v.zero_()
             state["moment_step"].zero_()
-        else:  # reproject
+        else:  # reproject: the rotation mixes the moments' rows too, so a sharded moment is gathered once
+            sharded = view.sharded and not isinstance(proj, TuckerProjector)
+            rows = self._moment_rows(proj, view.full) if sharded else None
+            if sharded:
+                m, v = view.all_gather(m, rows), view.all_gather(v, rows)
             for k, u_new in _mode_factors(proj).items():
                 r = u_new.T @ old[k]  # r x r: new coordinates of the old basis vectors
                 m = mode_dot(m, r, k)
                 v = mode_dot(v, r * r, k)
             v = v.clamp_(min=0.0)
+            if sharded:
+                mine = view.local_rows(rows)
+                m, v = m[mine], v[mine]
         self._write_moments(state, m, v)
 
     # ------------------------------------------------------------------ checkpoints
@@ -414,12 +446,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                          moments=moments, fused=False)
 
-    def _init_moments(self, state, local, view):
-        rows = view.full.shape[0] if view is not None else local.shape[0]
+    def _init_moments(self, state, local, view, rows):
         # Decided from the global shape, so that every rank holds the same state keys.
         if local.ndim != 2 or rows * local.shape[1] < self.min_8bit_size:
-            return super()._init_moments(state, local, view)
-        wrap = view.like_rows if view is not None else (lambda t: t)
+            return super()._init_moments(state, local, view, rows)
+        wrap = (lambda t: view.shard(t, rows)) if view is not None else (lambda t: t)
         for key in ("exp_avg", "exp_avg_sq"):
             state[key] = wrap(torch.zeros(local.shape, dtype=torch.uint8, device=local.device))
             state[key + "_absmax"] = wrap(torch.zeros((local.shape[0], _nblocks(local.shape[1])),

@@ -40,6 +40,8 @@ def build_galore_adamw(cfg, groups: List[dict]) -> torch.optim.Optimizer:
         "power_iters": int(cfg.power_iters),
         "quant_bits": cfg.quant_bits,
         "quant_group_size": int(cfg.quant_group_size),
+        "precision": _value(cfg.precision),
+        "basis_dtype": _value(cfg.basis_dtype),
     }
     matched = set()
     all_names = []

@@ -23,7 +23,9 @@ RNG state. GaLoreAdamW gives each parameter its own seed, derived from its name 
 
 Choices where the papers leave things open (all matching galore-torch unless said otherwise):
 - The SVD always runs in fp32 on the full gradient, whatever its dtype; the basis is then stored in the
-  gradient's dtype, and projections are computed in that dtype.
+  gradient's dtype (unless `basis_dtype` says otherwise). Projections take their operands in that dtype
+  (rounded further as `precision` says) and return fp32 products; galore-torch returns them in the
+  gradient's dtype, which for bf16 gradients rounds the low-rank gradient before Adam sees it.
 - The refresh schedule is galore-torch's: a new basis when there is none or when step % T == 0, with
   `step` counted before the optimizer increments it (refreshes at 0, T, 2T, ...).
 - Deviation: the projected side is decided once, at the first refresh, and stored. galore-torch
@@ -35,15 +37,32 @@ Choices where the papers leave things open (all matching galore-torch unless sai
   `quant_bits` does the same (see quant.py) for every side, where Q-GaLore supports only `std`. The
   basis is dequantized at each use: caching the dequantized copy would give back the memory saved.
 
-Row shards (FSDP2 shards parameters on dim 0): with `rows`, `project` of a right projection returns the
-shard's own rows of the low-rank gradient, so moments can stay sharded with no communication between
-refreshes; for left and full projections it returns the shard's partial sum P[rows]^T G_shard, which the
-caller all-reduces. The refresh itself needs the full gradient (gathered by the caller).
+Precision of the projections (`precision`; the SVD itself always runs in fp32):
+- "ieee": fp32 operands and products (on CUDA, TF32 is switched off around the GEMMs);
+- "tf32": fp32 operands, TF32 tensor cores on CUDA (10-bit mantissa products, fp32 accumulation);
+- "bf16": both operands rounded to bf16, fp32 accumulation inside the GEMM; the GEMM's output is fp32
+  where torch offers it (CUDA `mm(..., out_dtype=float32)`), else rounded to bf16 (CPU).
+`basis_dtype` ("fp32" / "bf16"; default: the gradient's dtype, as galore-torch) is how the basis is
+stored: a bf16 basis halves its memory, and with precision "bf16" loses nothing more, since every use
+rounds it to bf16 anyway. scripts/bench_galore.py measures the energy each choice loses.
+
+Row shards (FSDP2 shards parameters on dim 0; see fsdp.py for the layout and the communication):
+- `rows` says which rows of the m x n gradient this rank holds. `project` of a right projection returns
+  the shard's own rows of the low-rank gradient; for left and full projections it returns the shard's
+  partial sum P[rows]^T G_shard, which the caller reduces over ranks.
+- A factor may be stored as a DTensor sharded on its dim 0 (`install`): a factor whose rows are the
+  gradient's rows (P of a left projection, A of a full one) is then used through its local rows with no
+  communication; the other (P of a right projection, B of a full one) is gathered at first use in a
+  step and kept until `release()`.
+- The refresh is split so that one rank can compute a basis for all: `prepare(shape)` fixes the side
+  and checks the rank (every rank), `compute(full_grad, step)` returns the fp32 factors (the owner),
+  `install(factors, dtype)` stores them (every rank, each with what it holds).
 """
 
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -51,6 +70,8 @@ import torch
 from llmx.optim.galore.quant import dequantize_groupwise, quantize_groupwise
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PRECISIONS = ("ieee", "tf32", "bf16")
+BASIS_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
 SVD_METHODS = ("exact", "randomized")
 SIDES = (None, "left", "right", "full")  # position = the int stored as state_dict()["side"]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # position = state_dict()["dtype"]
@@ -119,6 +140,8 @@ def randomized_basis(
         raise ValueError(f"oversample and power_iters must be >= 0, got {oversample}, {power_iters}")
     m, n = matrix.shape
     width = min(rank + oversample, m, n)
+    if matrix.device.type == "meta":  # shape-only runs (memory counts): meta has no generator
+        generator = None
     omega = torch.randn(n, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
     q = torch.linalg.qr(matrix @ omega).Q
     for _ in range(power_iters):
@@ -151,6 +174,38 @@ def _sel(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "full_tensor")
+
+
+@contextmanager
+def _cuda_fp32_precision(tf32: bool):
+    # The legacy flag, as the rest of llmx and its tests use it (torch refuses a mix of the two APIs).
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a @ b in fp32 results, the operands multiplied as `precision` says (module docstring)."""
+    if precision == "bf16":
+        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        if a.device.type == "cuda":
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # a torch without the fp32-output bf16 GEMM
+                pass
+        return (a @ b).float()
+    a, b = a.float(), b.float()
+    if a.device.type != "cuda":
+        return a @ b
+    with _cuda_fp32_precision(precision == "tf32"):
+        return a @ b
+
+
 class GaLoreProjector:
     """Projects a 2-D gradient onto a rank-`rank` subspace refreshed every `update_proj_gap` steps.
 
@@ -170,8 +225,11 @@ class GaLoreProjector:
         seed: int = 0,
         quant_bits: Optional[int] = None,
         quant_group_size: int = 256,
+        basis_dtype: Optional[str] = None,
+        precision: str = "ieee",
     ):
-        proj_type, svd = _value(proj_type), _value(svd)
+        proj_type, svd, precision = _value(proj_type), _value(svd), _value(precision)
+        basis_dtype = _value(basis_dtype)
         if proj_type not in PROJ_TYPES:
             raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
         if svd not in SVD_METHODS:
@@ -182,6 +240,10 @@ class GaLoreProjector:
             raise ValueError(f"quant_bits must be None, 4 or 8, got {quant_bits}")
         if oversample < 0 or power_iters < 0:
             raise ValueError(f"oversample and power_iters must be >= 0, got {oversample}, {power_iters}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if basis_dtype not in BASIS_DTYPES:
+            raise ValueError(f"basis_dtype must be one of {list(BASIS_DTYPES)}, got {basis_dtype!r}")
         self.rank = rank
         self.proj_type = proj_type
         self.update_proj_gap = update_proj_gap
@@ -192,27 +254,35 @@ class GaLoreProjector:
         self.seed = seed
         self.quant_bits = quant_bits
         self.quant_group_size = quant_group_size
+        self.basis_dtype = BASIS_DTYPES[basis_dtype]
+        self.precision = precision
         self.refreshes = 0
         self._side: Optional[str] = None
         self._shape: Optional[Tuple[int, int]] = None
         self._dtype: Optional[torch.dtype] = None
         # "P" or "A"/"B"; quantized: "<name>.codes", "<name>.scale", "<name>.zero".
         self._state: Dict[str, torch.Tensor] = {}
+        self._gathered: Dict[str, torch.Tensor] = {}  # factors gathered from their shards, until release()
 
     @property
     def side(self) -> Optional[str]:
         return self._side
 
-    def _names(self) -> Tuple[str, ...]:
+    def factor_names(self) -> Tuple[str, ...]:
         return ("A", "B") if self._side == "full" else ("P",)
 
-    def _factor_shape(self, name: str) -> Tuple[int, int]:
-        m, n = self._shape
-        if name == "A" or (name == "P" and self._side == "left"):
-            return (m, self.rank)
-        return (self.rank, n)
+    def indexed_by_rows(self, name: str) -> bool:
+        """Whether the factor's rows are the gradient's rows (P of a left projection, A of a full one)."""
+        return name == "A" or (name == "P" and self._side == "left")
 
-    def _factor(self, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def factor_shape(self, name: str) -> Tuple[int, int]:
+        m, n = self._shape
+        return (m, self.rank) if self.indexed_by_rows(name) else (self.rank, n)
+
+    def _factor(self, name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                rows: Optional[slice] = None) -> torch.Tensor:
+        """The factor as this rank uses it: the `rows` of a row-indexed factor (a sharded one already is
+        them), any other factor whole (gathered from its shards once per step)."""
         dtype = dtype or self._dtype
         if self.quant_bits is None:
             keys = (name,)
@@ -222,12 +292,29 @@ class GaLoreProjector:
         for k in keys:
             if self._state[k].device != device:
                 self._state[k] = self._state[k].to(device)
-        if self.quant_bits is None:
-            return self._state[name].to(dtype)
-        codes, scale, zero = (self._state[k] for k in keys)
-        return dequantize_groupwise(
-            codes, scale, zero, self.quant_bits, self.quant_group_size, self._factor_shape(name), dtype
-        )
+        if self.quant_bits is not None:
+            codes, scale, zero = (self._state[k] for k in keys)
+            full = dequantize_groupwise(
+                codes, scale, zero, self.quant_bits, self.quant_group_size, self.factor_shape(name), dtype
+            )
+            return _sel(full, rows) if self.indexed_by_rows(name) else full
+        t = self._state[name]
+        if not _is_dtensor(t):
+            return _sel(t, rows).to(dtype) if self.indexed_by_rows(name) else t.to(dtype)
+        if self.indexed_by_rows(name):
+            return t.to_local().to(dtype)
+        if name not in self._gathered:
+            self._gathered[name] = t.full_tensor()
+        return self._gathered[name].to(dtype)
+
+    def factor(self, name: str, device: torch.device, rows: Optional[slice] = None) -> torch.Tensor:
+        """The factor in its storage dtype, as `project` uses it (see `_factor`)."""
+        self._require_basis()
+        return self._factor(name, device, rows=rows)
+
+    def release(self) -> None:
+        """Drop the factors gathered for this step (call once the parameter's step is done)."""
+        self._gathered.clear()
 
     def _require_basis(self) -> None:
         if self._side is None:
@@ -236,83 +323,107 @@ class GaLoreProjector:
     def needs_refresh(self, step: int) -> bool:
         return self._side is None or step % self.update_proj_gap == 0
 
-    def refresh(self, grad: torch.Tensor, step: int) -> None:
-        """Recompute the basis from the full gradient `grad` (m x n), in fp32."""
-        if grad.ndim != 2:
-            raise ValueError(f"GaLoreProjector needs a 2-D gradient, got shape {tuple(grad.shape)}")
-        shape = tuple(grad.shape)
+    def prepare(self, shape: Tuple[int, int]) -> None:
+        """Fix the projected side for a gradient of `shape` at the first refresh; check it later."""
+        shape = tuple(shape)
+        if len(shape) != 2:
+            raise ValueError(f"GaLoreProjector needs a 2-D gradient, got shape {shape}")
         if self._side is None:
             _check_rank(shape, self.rank)
-            side = choose_side(shape, self.proj_type)
+            self._side, self._shape = choose_side(shape, self.proj_type), shape
         elif shape != self._shape:
             raise ValueError(f"gradient shape {shape} differs from the shape {self._shape} of the first refresh")
-        else:
-            side = self._side
+
+    def storage_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
+        return self.basis_dtype or grad_dtype
+
+    def compute(self, grad: torch.Tensor, step: int) -> Dict[str, torch.Tensor]:
+        """The new basis of the full gradient `grad` (m x n) as fp32 factors, stored nowhere."""
+        self.prepare(grad.shape)
         if grad.dtype not in DTYPES:
             raise ValueError(f"unsupported gradient dtype {grad.dtype}")
         matrix = grad.detach().float()
         if self.svd == "exact":
-            basis = exact_basis(matrix, self.rank, side)
-        else:
+            return exact_basis(matrix, self.rank, self._side)
+        gen = None
+        if matrix.device.type != "meta":
             gen = torch.Generator(device=matrix.device)
             gen.manual_seed(sketch_seed(self.seed, step // self.update_proj_gap))
-            basis = randomized_basis(matrix, self.rank, side, self.oversample, self.power_iters, gen)
+        return randomized_basis(matrix, self.rank, self._side, self.oversample, self.power_iters, gen)
+
+    def install(self, factors: Dict[str, torch.Tensor], grad_dtype: torch.dtype) -> None:
+        """Store new factors (after `prepare`): whole tensors, or DTensors holding this rank's shard.
+        Quantized bases (quant_bits) are stored whole."""
         state = {}
-        for name, t in basis.items():
+        dtype = self.storage_dtype(grad_dtype)
+        for name, t in factors.items():
             if self.quant_bits is None:
-                state[name] = t.to(grad.dtype)
+                state[name] = t if t.dtype == dtype else t.to(dtype)
             else:
                 codes, scale, zero = quantize_groupwise(t, self.quant_bits, self.quant_group_size)
                 state.update({f"{name}.codes": codes, f"{name}.scale": scale, f"{name}.zero": zero})
-        self._state, self._side, self._shape, self._dtype = state, side, shape, grad.dtype
+        self._state, self._dtype = state, grad_dtype
+        self._gathered.clear()
         self.refreshes += 1
 
+    def refresh(self, grad: torch.Tensor, step: int) -> None:
+        """Recompute the basis from the full gradient `grad` (m x n), in fp32."""
+        if grad.ndim != 2:
+            raise ValueError(f"GaLoreProjector needs a 2-D gradient, got shape {tuple(grad.shape)}")
+        self.install(self.compute(grad, step), grad.dtype)
+
     def project(self, grad: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
-        """right: grad @ P^T; left: P^T @ grad; full: A^T @ grad @ B^T. With `rows` (`grad` is that row
-        shard): right gives the shard's rows of the result, left/full this shard's partial sum."""
+        """right: grad @ P^T; left: P^T @ grad; full: A^T @ grad @ B^T (fp32 results). With `rows` (`grad`
+        is that row shard): right gives the shard's rows of the result, left/full this shard's partial sum."""
         self._require_basis()
         m, n = self._shape
         expected = (_rows_len(m, rows), n)
         if tuple(grad.shape) != expected:
             raise ValueError(f"project expects a gradient of shape {expected}, got {tuple(grad.shape)}")
-        g = grad.to(self._dtype)
+        g, prec = grad.to(self._dtype), self.precision
         if self._side == "right":
-            return g @ self._factor("P", g.device).T
+            return matmul(g, self._factor("P", g.device).T, prec)
         if self._side == "left":
-            return _sel(self._factor("P", g.device), rows).T @ g
-        a, b = self._factor("A", g.device), self._factor("B", g.device)
-        return (_sel(a, rows).T @ g) @ b.T
+            return matmul(self._factor("P", g.device, rows=rows).T, g, prec)
+        a, b = self._factor("A", g.device, rows=rows), self._factor("B", g.device)
+        return matmul(matmul(a.T, g, prec), b.T, prec)
 
     def project_back(self, low: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
         """right: low @ P; left: P @ low; full: A @ low @ B; times `scale`. With `rows`: the rows of the
         result for that shard (for right, `low` is already the shard's rows)."""
         self._require_basis()
         self.project_back_shape_check(low, rows)
-        x = low.to(self._dtype)
+        x, prec = low.to(self._dtype), self.precision
         if self._side == "right":
-            out = x @ self._factor("P", x.device)
+            out = matmul(x, self._factor("P", x.device), prec)
         elif self._side == "left":
-            out = _sel(self._factor("P", x.device), rows) @ x
+            out = matmul(self._factor("P", x.device, rows=rows), x, prec)
         else:
-            a, b = self._factor("A", x.device), self._factor("B", x.device)
-            out = (_sel(a, rows) @ x) @ b
-        return out * self.scale
+            a, b = self._factor("A", x.device, rows=rows), self._factor("B", x.device)
+            out = matmul(matmul(a, x, prec), b, prec)
+        return (out * self.scale).to(self._dtype)
 
     def add_back_(self, target: torch.Tensor, low: torch.Tensor, alpha: float, rows: Optional[slice] = None) -> torch.Tensor:
         """target += alpha * project_back(low, rows), in place.
 
-        For left and right projections this is one GEMM that accumulates straight into the weight
-        (addmm_), so the m x n update is never materialised: one read and one write of the weight
-        instead of writing, scaling and re-reading an m x n temporary (the step is memory-bound there).
+        For left and right projections in ieee / tf32 precision this is one GEMM that accumulates straight
+        into the weight (addmm_), so the m x n update is never materialised: one read and one write of
+        the weight instead of writing, scaling and re-reading an m x n temporary (the step is memory-bound
+        there).
         """
         self._require_basis()
         x = low.to(self._dtype)
-        if self._side in ("left", "right") and target.dtype == x.dtype:
+        if self._side in ("left", "right") and target.dtype == x.dtype and self.precision != "bf16":
             self.project_back_shape_check(low, rows)
             coef = alpha * self.scale
             if self._side == "right":
-                return target.addmm_(x, self._factor("P", x.device), alpha=coef)
-            return target.addmm_(_sel(self._factor("P", x.device), rows), x, alpha=coef)
+                a, b = x, self._factor("P", x.device)
+            else:
+                a, b = self._factor("P", x.device, rows=rows), x
+            if target.device.type != "cuda":
+                return target.addmm_(a, b, alpha=coef)
+            with _cuda_fp32_precision(self.precision == "tf32"):
+                return target.addmm_(a, b, alpha=coef)
         return target.add_(self.project_back(low, rows), alpha=alpha)
 
     def project_back_shape_check(self, low: torch.Tensor, rows: Optional[slice] = None) -> None:
@@ -326,16 +437,25 @@ class GaLoreProjector:
             )
 
     def basis(self) -> Dict[str, torch.Tensor]:
-        """The current basis, dequantized, in fp32 ({"P": ...} or {"A": ..., "B": ...}); empty before the
-        first refresh. Not a copy when the basis is stored in fp32: do not modify."""
+        """The current basis, whole (gathered from its shards), dequantized, in fp32 ({"P": ...} or
+        {"A": ..., "B": ...}); empty before the first refresh. Not a copy when the basis is stored whole
+        in fp32: do not modify."""
         if self._side is None:
             return {}
-        device = next(iter(self._state.values())).device
-        return {name: self._factor(name, device, torch.float32) for name in self._names()}
+        out = {}
+        for name in self.factor_names():
+            t = self._state.get(name)
+            if t is not None and _is_dtensor(t):
+                out[name] = t.full_tensor().float()
+            else:
+                device = next(iter(self._state.values())).device
+                out[name] = self._factor(name, device, torch.float32)
+        return out
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Tensors only (DCP- and `torch.load(weights_only=True)`-safe); hyperparameters are constructor
-        arguments. Returns the stored tensors themselves, so an in-place load into them works."""
+        arguments. Returns the stored tensors themselves (DTensors when sharded), so an in-place load into
+        them works."""
         d = {
             "side": torch.tensor(SIDES.index(self._side), dtype=torch.int64),
             "refreshes": torch.tensor(self.refreshes, dtype=torch.int64),
@@ -349,6 +469,7 @@ class GaLoreProjector:
     def load_state_dict(self, d: Dict[str, torch.Tensor]) -> None:
         side = SIDES[int(d["side"])]
         refreshes = int(d["refreshes"])
+        self._gathered.clear()
         if side is None:
             self._side, self._shape, self._dtype, self._state, self.refreshes = None, None, None, {}, refreshes
             return
@@ -366,7 +487,7 @@ class GaLoreProjector:
         old = (self._side, self._shape)
         self._side, self._shape = side, shape
         for nm in names:
-            want = self._factor_shape(nm)
+            want = self.factor_shape(nm)
             if self.quant_bits is None:
                 ok, got = tuple(d[nm].shape) == want, tuple(d[nm].shape)
             else:
@@ -381,11 +502,20 @@ class GaLoreProjector:
 
 
 def captured_energy(grad: torch.Tensor, proj: GaLoreProjector) -> float:
-    """||project(grad)||_F^2 over the sum of the top-r squared singular values of `grad`: the fraction of
-    the best rank-r subspace's energy that the projector keeps (1.0 for the exact basis of this grad;
-    1.0 for a zero gradient)."""
-    low = proj.project(grad).float()
-    s = torch.linalg.svdvals(grad.detach().float())
+    """The fraction of the best rank-r subspace's energy that the projector's subspace keeps: ||Q^T G||^2
+    (Q an orthonormal basis of that subspace) over the sum of the top-r squared singular values of G. 1.0
+    for the exact basis (and for a zero gradient); never above 1.
+
+    In float64, the basis orthonormalised first (an fp32 or bf16 basis is orthonormal only to its rounding,
+    which can push a near-1 ratio over 1), and the singular values by the QR-based gesvd driver on CUDA
+    (the default there may be iterative: an inexact denominator once gave "energies" of 1.0012)."""
+    g = grad.detach().double()
+    b = {k: v.double() for k, v in proj.basis().items()}
+    cols = lambda m: torch.linalg.qr(m).Q  # noqa: E731 - orthonormal columns spanning m's columns
+    low = {"left": lambda: cols(b["P"]).T @ g, "right": lambda: g @ cols(b["P"].T),
+           "full": lambda: cols(b["A"]).T @ g @ cols(b["B"].T)}[proj.side]()
+    driver = "gesvd" if g.device.type == "cuda" else None
+    s = torch.linalg.svdvals(g, driver=driver)
     best = s[: proj.rank].pow(2).sum()
     if best == 0:
         return 1.0
