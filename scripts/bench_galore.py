@@ -24,8 +24,11 @@ Every ratio is measured against a baseline in the same run.
    350M layer (1024 / 2736) at rank 256; CUDA: the 7B layer (4096 / 11008) at rank 1024 (goals: <= 1.0x
    fused AdamW with bf16, <= 1.3x with tf32).
 4. convergence: galore2_tiny against AdamW (pretrain_tiny) on the same data (the pylib corpus) and steps:
-   each method's lr tuned on one seed, the best run on other seeds; validation loss mean +- standard error
-   and the per-seed ratio (goal: within 3%). layerwise: peak resident memory (VmHWM on CPU) of GaLore with
+   AdamW with one global lr, AdamW with the attention / MLP matrices at their own lr (optim.lr_scales, as
+   GaLore's alpha gives them theirs), GaLore 2 at rank 32 (lr and alpha tuned), and GaLore at full rank
+   (the control without the low rank, at GaLore 2's setting). Tuned on one seed, the best runs on other seeds; validation loss
+   mean +- standard error and per-seed ratios (goal: GaLore 2 within 3% of the best AdamW, chosen on the
+   tuning seed). layerwise: peak resident memory (VmHWM on CPU) of GaLore with
    and without optimizer-in-backward on a 311M-parameter model (layer-wise mode frees each gradient at once).
 """
 
@@ -417,31 +420,155 @@ def _mean_se(xs) -> tuple:
     return mean, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
 
 
-def bench_convergence(adamw_lrs, galore_lrs, tune_seed: int, seeds) -> dict:
-    """AdamW (pretrain_tiny) against GaLore 2 (galore2_tiny): each method's lr tuned on tune_seed, then
-    the best lr of each run on the report seeds (never the tuning seed): mean +- standard error."""
+# galore2_tiny's optim.targets: the weights GaLore projects, and those the per-group AdamW gives its own lr.
+MATRICES = ("*self_attn.*_proj.weight", "*mlp.*_proj.weight")
+
+
+def full_rank(recipe: str) -> int:
+    """The rank at which GaLore projects nothing away for this recipe: min(m, n) of every targeted matrix,
+    read from the composed model (refused unless all are equal, so one optim.rank is full for each)."""
+    import fnmatch
+
+    from llmx.config.compose import compose
+    from llmx.models import build_model
+
+    cfg = compose([f"recipe={recipe}"])
+    model = build_model(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.tokenizer.vocab_size, device="meta")
+    sides = {min(p.shape) for n, p in model.named_parameters()
+             if p.ndim == 2 and any(fnmatch.fnmatch(n, pat) for pat in cfg.optim.targets)}
+    if len(sides) != 1:
+        raise SystemExit(f"{recipe}: targeted matrices have different min(m, n) {sorted(sides)}; no single full rank")
+    return sides.pop()
+
+
+def method_overrides(method: dict, setting: dict) -> list:
+    """A method's overrides at one setting. AdamW's lr_scales are always written out (1.0 for one global lr),
+    so that whatever the recipe sets cannot leak in; the composed result is checked by check_methods."""
+    out = [f"recipe={method['recipe']}", *method.get("overrides", []), f"optim.lr={setting['lr']:g}"]
+    if "alpha" in setting:
+        out.append(f"optim.scale={setting['alpha']:g}")
+    if method["recipe"] == "pretrain_tiny":
+        scale = setting.get("matrix_lr", setting["lr"]) / setting["lr"]
+        out.append("++optim.lr_scales={" + ",".join(f"{pat}:{scale:.6g}" for pat in MATRICES) + "}")
+    return out
+
+
+def check_methods(methods) -> None:
+    """Each method, composed as it will run, trains what its label says (checked before any run)."""
+    from llmx.config.compose import compose
+
+    for m in methods:
+        setting = {k: v[0] for k, v in m["axes"].items()} if "axes" in m else {"lr": 1e-2}
+        o = compose(method_overrides(m, setting)).optim
+        if m["recipe"] == "pretrain_tiny":
+            scale = setting.get("matrix_lr", setting["lr"]) / setting["lr"]
+            ok = o.name == "adamw" and set(o.lr_scales) == set(MATRICES) and all(
+                abs(v - scale) <= 1e-5 * scale for v in o.lr_scales.values())
+        else:
+            ok = (not o.lr_scales and tuple(o.targets) == MATRICES
+                  and (o.rank, getattr(o.svd, "value", o.svd)) == m["expect"])
+        if not ok:
+            raise SystemExit(f"convergence method {m['label']}: the composed optim config is not what the method "
+                             f"claims: {dict(o)}")
+
+
+def tune(run, axes: dict) -> dict:
+    """Every point of the grid `axes` (name -> values) through run(setting) -> val loss. If the best point
+    is at an edge of an axis, that edge is extended by one value (about the grid's own ratio) and the new
+    points are run too; an optimum still at an edge is reported as such."""
+    import itertools
+
+    axes = {k: list(v) for k, v in axes.items()}
+    losses = {}
+
+    def run_grid():
+        for point in itertools.product(*axes.values()):
+            if point not in losses:
+                losses[point] = run(dict(zip(axes, point)))
+
+    run_grid()
+    best = min(losses, key=losses.get)
+    extended = []
+    for i, (name, values) in enumerate(axes.items()):
+        if len(values) > 1 and best[i] == max(values):
+            values.append(float(f"{values[-1] ** 2 / values[-2]:.1g}"))
+            extended.append(f"{name} up to {values[-1]:g}")
+        elif len(values) > 1 and best[i] == min(values):
+            values.insert(0, float(f"{values[0] ** 2 / values[1]:.1g}"))
+            extended.append(f"{name} down to {values[0]:g}")
+    if extended:
+        run_grid()
+        best = min(losses, key=losses.get)
+    at_edge = [name for i, (name, values) in enumerate(axes.items())
+               if len(values) > 1 and best[i] in (min(values), max(values))]
+    return {"axes": axes, "grid": [{**dict(zip(axes, p)), "val_loss": v} for p, v in losses.items()],
+            "best": dict(zip(axes, best)), "extended": extended, "best_at_edge": at_edge}
+
+
+def bench_convergence(adamw_lrs, adamw_other_lrs, adamw_matrix_lrs, galore_lrs, galore_alphas, tune_seed: int,
+                      seeds) -> dict:
+    """AdamW, AdamW with its own lr for the attention / MLP matrices, GaLore 2 at rank 32, and the same GaLore
+    at full rank (the control that removes the low rank): same model, data and steps. Every lr is tuned on
+    tune_seed; GaLore 2 is tuned on two axes like the per-group AdamW (lr, which the embeddings and norms
+    take, and alpha, which scales the projected matrices' updates); the full-rank control is run at GaLore
+    2's tuned setting (not tuned: it must differ from GaLore 2 in nothing but the rank), then every method's
+    setting runs on the report seeds (never the tuning seed): validation loss mean +- standard error, and
+    per-seed ratios."""
+    full = full_rank("galore2_tiny")
+    methods = [
+        {"label": "adamw", "recipe": "pretrain_tiny", "axes": {"lr": adamw_lrs},
+         "about": "pretrain_tiny, one global lr"},
+        {"label": "adamw_per_group", "recipe": "pretrain_tiny",
+         "axes": {"lr": adamw_other_lrs, "matrix_lr": adamw_matrix_lrs},
+         "about": "pretrain_tiny; lr: embeddings, norms, lm_head; matrix_lr: attention and MLP matrices "
+                  "(optim.lr_scales)"},
+        {"label": "galore2_r32", "recipe": "galore2_tiny", "axes": {"lr": galore_lrs, "alpha": galore_alphas},
+         "expect": (32, "randomized"), "about": "galore2_tiny: rank 32, T 50, randomized SVD; lr and alpha tuned"},
+        {"label": "galore_full_rank", "recipe": "galore2_tiny", "overrides": [f"optim.rank={full}", "optim.svd=exact"],
+         "setting_of": "galore2_r32", "expect": (full, "exact"),
+         "about": f"galore2_tiny at rank {full} = min(m, n) of every projected matrix, exact SVD, "
+                  "GaLore 2's tuned lr and alpha"},
+    ]
+    check_methods(methods)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for method, recipe, lrs in (("adamw", "pretrain_tiny", adamw_lrs), ("galore", "galore2_tiny", galore_lrs)):
-            tuning = {}
-            for lr in lrs:
-                tuning[lr] = llmx_run([f"recipe={recipe}", f"optim.lr={lr}", f"seed={tune_seed}"],
-                                      tmp / f"{method}_tune_{lr}")["val_loss"]
-                log(f"convergence: {method} lr {lr} seed {tune_seed} (tuning): val {tuning[lr]:.4f}")
-            best = min(tuning, key=tuning.get)
-            report = {}
+
+        def run(m, setting, seed):
+            tag = "_".join(f"{k}{v:g}" for k, v in setting.items())
+            final = llmx_run([*method_overrides(m, setting), f"seed={seed}"], tmp / f"{m['label']}_{tag}_s{seed}")
+            log(f"convergence: {m['label']} {setting} seed {seed}{' (tuning)' if seed == tune_seed else ''}: "
+                f"val {final['val_loss']:.4f} ({final['train_time_s']:.0f} s training)")
+            return final
+
+        for m in methods:
+            row = {"recipe": m["recipe"], "about": m["about"], "overrides": m.get("overrides", [])}
+            if "axes" in m:
+                row["tuning"] = tune(lambda setting: run(m, setting, tune_seed)["val_loss"], m["axes"])
+                setting = row["tuning"]["best"]
+            else:
+                setting = rows[m["setting_of"]]["setting"]
+            row["setting"], row["command"] = setting, "llmx run " + " ".join(method_overrides(m, setting))
+            row["val_loss"] = {}
             for seed in seeds:
-                final = llmx_run([f"recipe={recipe}", f"optim.lr={best}", f"seed={seed}"], tmp / f"{method}_{seed}")
-                report[seed], steps = final["val_loss"], final["step"]
-                log(f"convergence: {method} lr {best} seed {seed}: val {report[seed]:.4f}")
-            mean, se = _mean_se(list(report.values()))
-            rows[method] = {"recipe": recipe, "tuning_seed": tune_seed, "tuning_val_loss": tuning, "lr": best,
-                            "val_loss": report, "mean": mean, "se": se}
-    ratios = [rows["galore"]["val_loss"][s] / rows["adamw"]["val_loss"][s] for s in seeds]
-    mean, se = _mean_se(ratios)
-    return {**rows, "galore_over_adamw_per_seed": dict(zip(seeds, ratios)), "ratio_mean": mean, "ratio_se": se,
-            "seeds": list(seeds), "steps": steps}
+                final = run(m, setting, seed)
+                row["val_loss"][seed], steps = final["val_loss"], final["step"]
+            row["mean"], row["se"] = _mean_se(list(row["val_loss"].values()))
+            rows[m["label"]] = row
+    adamws = [k for k in rows if k.startswith("adamw")]
+    # The best AdamW variant is chosen on the tuning seed, like every other setting here.
+    best_adamw = min(adamws, key=lambda k: min(g["val_loss"] for g in rows[k]["tuning"]["grid"]))
+    ratios = {}
+    for num, den in [*(("galore2_r32", a) for a in adamws), ("galore_full_rank", best_adamw),
+                     ("galore_full_rank", "galore2_r32")]:
+        per_seed = [rows[num]["val_loss"][s] / rows[den]["val_loss"][s] for s in seeds]
+        mean, se = _mean_se(per_seed)
+        ratios[f"{num} / {den}"] = {"per_seed": dict(zip(seeds, per_seed)), "mean": mean, "se": se}
+    goal = ratios[f"galore2_r32 / {best_adamw}"]
+    return {"methods": rows, "best_adamw": best_adamw, "ratios": ratios,
+            "goal": {"ratio": f"galore2_r32 / {best_adamw}", "mean": goal["mean"], "se": goal["se"],
+                     "threshold": 1.03, "met": goal["mean"] <= 1.03},
+            "tune_seed": tune_seed, "seeds": list(seeds), "steps": steps, "full_rank": full}
 
 
 def bench_layerwise() -> dict:
@@ -463,8 +590,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sections", default="memory,svd,refresh,step,convergence,layerwise")
-    ap.add_argument("--adamw-lrs", default="2e-3,3e-3,5e-3,1e-2", help="convergence: AdamW lr grid")
-    ap.add_argument("--galore-lrs", default="5e-3,1e-2,2e-2,3e-2", help="convergence: GaLore lr grid")
+    ap.add_argument("--adamw-lrs", default="2e-3,3e-3,5e-3", help="convergence: AdamW lr grid (one global lr)")
+    ap.add_argument("--adamw-other-lrs", default="3e-3,1e-2,2e-2",
+                    help="convergence: per-group AdamW, lr grid of the embeddings, norms and lm_head")
+    ap.add_argument("--adamw-matrix-lrs", default="1.5e-3,2.5e-3,4e-3",
+                    help="convergence: per-group AdamW, lr grid of the attention and MLP matrices")
+    ap.add_argument("--galore-lrs", default="5e-3,1e-2,2e-2", help="convergence: GaLore 2 lr grid")
+    ap.add_argument("--galore-alphas", default="0.25,0.1,0.05", help="convergence: GaLore 2 alpha (scale) grid")
     ap.add_argument("--tune-seed", type=int, default=0, help="convergence: the seed lrs are tuned on")
     ap.add_argument("--seeds", default="1,2,3", help="convergence: the seeds reported (not the tuning seed)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
@@ -485,8 +617,10 @@ def main():
         seeds = [int(x) for x in args.seeds.split(",")]
         if args.tune_seed in seeds:
             raise SystemExit(f"--tune-seed {args.tune_seed} is among --seeds {seeds}: never report the tuning seed")
-        result["convergence"] = bench_convergence([float(x) for x in args.adamw_lrs.split(",")],
-                                                  [float(x) for x in args.galore_lrs.split(",")], args.tune_seed, seeds)
+        grids = [[float(x) for x in g.split(",")]
+                 for g in (args.adamw_lrs, args.adamw_other_lrs, args.adamw_matrix_lrs, args.galore_lrs,
+                           args.galore_alphas)]
+        result["convergence"] = bench_convergence(*grids, args.tune_seed, seeds)
     if "layerwise" in sections and args.device == "cpu":
         result["layerwise"] = bench_layerwise()
 
@@ -525,15 +659,38 @@ def main():
                   f"({r['best_over_cublas']:.2f}x cuBLAS)")
     if "convergence" in result:
         c = result["convergence"]
-        print(f"\n4. convergence over {c['steps']} steps (validation loss; lr tuned on seed {args.tune_seed}, "
+        print(f"\n4. convergence over {c['steps']} steps (validation loss; tuned on seed {c['tune_seed']}, "
               f"reported seeds {c['seeds']})")
-        print(f"{'method':<8}{'best lr':>8}{'mean':>9}{'+- se':>8}   tuning (lr: val loss)")
-        for m in ("adamw", "galore"):
-            r = c[m]
-            grid = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in r["tuning_val_loss"].items())
-            print(f"{m:<8}{r['lr']:>8g}{r['mean']:>9.4f}{r['se']:>8.4f}   {grid}")
-        print(f"   GaLore / AdamW per seed: {', '.join(f'{v:.4f}' for v in c['galore_over_adamw_per_seed'].values())}; "
-              f"mean {c['ratio_mean']:.4f} +- {c['ratio_se']:.4f} (goal <= 1.03)")
+        print(f"{'method':<18}{'setting':<28}{'seed ' + str(c['tune_seed']):>8}{'mean':>9}{'+- se':>8}   "
+              f"seeds {c['seeds']}")
+        for label, r in c["methods"].items():
+            setting = ", ".join(f"{k} {v:g}" for k, v in r["setting"].items())
+            tuned = next((f"{g['val_loss']:.4f}" for g in r.get("tuning", {}).get("grid", [])
+                          if all(g[k] == v for k, v in r["setting"].items())), "-")  # the control is not tuned
+            print(f"{label:<18}{setting:<28}{tuned:>8}{r['mean']:>9.4f}{r['se']:>8.4f}   "
+                  + " / ".join(f"{v:.4f}" for v in r["val_loss"].values()))
+        for label, r in c["methods"].items():
+            if "tuning" not in r:
+                continue
+            t = r["tuning"]
+            loss = {tuple(g[k] for k in t["axes"]): g["val_loss"] for g in t["grid"]}
+            print(f"   {label}, seed {c['tune_seed']}" + "".join(f"; extended {e}" for e in t["extended"])
+                  + "".join(f"; best still at the {a} edge" for a in t["best_at_edge"]))
+            axes = list(t["axes"].items())
+            if len(axes) == 1:
+                print("      " + ", ".join(f"{axes[0][0]} {v:g}: {loss[(v,)]:.4f}" for v in axes[0][1]))
+            else:  # rows: the first axis, columns: the second
+                (row_name, rows_), (col_name, cols) = axes
+                print(f"      {row_name + ' / ' + col_name:<22}" + "".join(f"{v:>9g}" for v in cols))
+                for rv in rows_:
+                    print(f"      {rv:<22g}" + "".join(f"{loss.get((rv, cv), float('nan')):>9.4f}" for cv in cols))
+        print(f"   best AdamW variant (chosen on seed {c['tune_seed']}): {c['best_adamw']}")
+        for name, r in c["ratios"].items():
+            print(f"   {name}: {', '.join(f'{v:.4f}' for v in r['per_seed'].values())}; "
+                  f"mean {r['mean']:.4f} +- {r['se']:.4f}")
+        g = c["goal"]
+        print(f"   goal {g['ratio']} <= {g['threshold']}: {'met' if g['met'] else 'NOT met'} "
+              f"({g['mean']:.4f} +- {g['se']:.4f})")
     if "layerwise" in result:
         c = result["layerwise"]
         print(f"   peak resident memory (VmHWM): plain {c['peak_mem_mb_plain']:.0f} MB, layer-wise "

@@ -179,6 +179,7 @@ def test_missing_conf_dir_is_clear(tmp_path, monkeypatch):
         ("trainer.max_steps=[", ["cannot parse override 'trainer.max_steps=['"]),
         ("model=llama_60m,llama_7b", ["--multirun"]),
         ("+seed=1", ["'seed' already exists", "++seed"]),
+        ("optim.lr_scales={*mlp.*:0.5}", ["'optim.lr_scales' is a dict", "'++optim.lr_scales={*mlp.*:0.5}'"]),
     ],
 )
 def test_compose_error_messages(override, expected):
@@ -192,8 +193,11 @@ def test_compose_error_messages(override, expected):
 
 
 def test_plus_on_dict_field_is_allowed():
-    cfg = compose(["+data.generator_args.n=3", "++seed=4", "++trainer.max_steps=7"])
+    cfg = compose(["+data.generator_args.n=3", "++seed=4", "++trainer.max_steps=7",
+                   "++optim.lr_scales={*self_attn.*_proj.weight:0.25,*mlp.*_proj.weight:0.5}"])
     assert cfg.data.generator_args.n == 3 and cfg.seed == 4 and cfg.trainer.max_steps == 7
+    # fnmatch patterns with dots stay whole keys, in the order given (the first match wins)
+    assert list(cfg.optim.lr_scales.items()) == [("*self_attn.*_proj.weight", 0.25), ("*mlp.*_proj.weight", 0.5)]
 
 
 def test_format_compose_error_direct():

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmx.config.schema import OptimConfig
+from llmx.config.schema import GaLoreOptimConfig, OptimConfig
 from llmx.trainer import checkpoint as ckpt
 from llmx.trainer.optim import InBackwardOptimizer, build_optimizer, lr_at, set_lr
 from llmx.trainer.trainer import IGNORE_INDEX, causal_lm_loss, count_targets
@@ -25,6 +27,10 @@ def tiny_model(seed=0) -> LlamaForCausalLM:
 
 def optim_cfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(OptimConfig), kw)
+
+
+def galore_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(GaLoreOptimConfig), {"rank": 4, **kw})
 
 
 def batches(n, b=4, t=16, seed=1):
@@ -92,6 +98,59 @@ def test_in_backward_matches_a_normal_optimizer_step(accum):
         assert all(p.grad is None for p in hooked.parameters())  # freed inside backward
     for (n, a), b in zip(ref.named_parameters(), hooked.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------- per-group lr (optim.lr_scales)
+# Overlapping patterns: down_proj matches the first two, and the first wins.
+SCALES = {"*mlp.down_proj.weight": 0.1, "*mlp.*": 0.25, "*self_attn.*_proj.weight": 0.5}
+
+
+def scale_of(name):
+    return next((s for pat, s in SCALES.items() if fnmatch.fnmatch(name, pat)), 1.0)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+@pytest.mark.parametrize("make_cfg", [optim_cfg, galore_cfg], ids=["adamw", "galore_adamw"])
+def test_lr_scales_multiply_the_scheduled_lr_per_group(make_cfg, in_backward):
+    model = tiny_model()
+    opt = build_optimizer(model, make_cfg(weight_decay=0.1, lr_scales=SCALES, in_backward=in_backward, grad_clip=None))
+    set_lr(opt, 0.02)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(0.02 * scale_of(n)), n
+        assert wd_of[id(p)] == (0.0 if "norm" in n or "embed" in n else 0.1), n  # the decay split still holds
+    if make_cfg is galore_cfg:  # the builder's projected groups carry the multiplier too
+        assert any("rank" in g and g["lr"] != 0.02 for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])  # one optimizer per parameter, checked on the whole model
+def test_lr_scales_pattern_that_matches_nothing_is_refused(in_backward):
+    cfg = optim_cfg(lr_scales={"*mlp.*": 0.5, "*attention.*": 0.5}, in_backward=in_backward, grad_clip=None)
+    with pytest.raises(LlmxError, match=r"optim.lr_scales: \['\*attention\.\*'\] match no trainable parameter.*"
+                                        r"model\.embed_tokens\.weight"):
+        build_optimizer(tiny_model(), cfg)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")])
+def test_lr_scales_multiplier_must_be_finite_and_positive(value):
+    with pytest.raises(LlmxError, match=re.escape(f"optim.lr_scales['*mlp.*']={value}") + ".*finite number > 0"):
+        build_optimizer(tiny_model(), optim_cfg(lr_scales={"*mlp.*": value}))
+
+
+@pytest.mark.parametrize("make_cfg", [optim_cfg, galore_cfg], ids=["adamw", "galore_adamw"])
+def test_a_tiny_lr_scale_nearly_freezes_its_parameters(make_cfg):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, make_cfg(lr_scales={"*mlp.*": 1e-6}))
+    for step, mb in enumerate(batches(3)):
+        set_lr(opt, lr_at(step, base_lr=1e-2, max_steps=3, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1))
+        causal_lm_loss(model, mb).backward()
+        opt.step()
+        opt.zero_grad()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert max(v for n, v in moved.items() if ".mlp." in n) < 1e-7, moved
+    assert min(v for n, v in moved.items() if ".mlp." not in n) > 1e-3, moved
 
 
 # ---------------------------------------------------------------- loss

@@ -186,6 +186,18 @@ def _unknown_key_message(full_key: str, obj_type=None, valid: Optional[Sequence[
     return msg
 
 
+def _dict_field_of(full_key: str) -> Optional[str]:
+    """The Dict-typed schema field (e.g. 'optim.lr_scales') that full_key is an entry of, or None."""
+    parts = full_key.split(".")
+    for i in range(1, len(parts)):
+        cls = _dataclass_at(".".join(parts[: i - 1]))
+        if cls is None:
+            return None
+        if typing.get_origin(typing.get_type_hints(cls).get(parts[i - 1])) is dict:
+            return ".".join(parts[:i])
+    return None
+
+
 def _override_for(full_key: Optional[str], overrides: Sequence[str]) -> Optional[str]:
     if not full_key:
         return None
@@ -269,6 +281,12 @@ def format_compose_error(exc: BaseException, overrides: Sequence[str] = ()) -> s
         if not full_key:
             continue
         if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and "not in" in str(e):
+            field = _dict_field_of(full_key)
+            if field:
+                # Struct mode: a plain override may change a dict's entries but not add one.
+                ov = next((o for o in overrides if o.split("=", 1)[0] in (field, full_key)), None)
+                fix = f"'++{ov}'" if ov else f"'++{field}={{key:value}}'"
+                return f"{ov or full_key}: '{field}' is a dict; add entries to it with {fix}"
             return prefix + _unknown_key_message(full_key, getattr(e, "object_type", None))
         text = _strip_omegaconf_context(str(e))
         ov = _override_for(full_key, overrides)

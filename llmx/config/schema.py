@@ -152,6 +152,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine and linear
     # Parameters matching these name patterns (fnmatch) get weight_decay 0.
     no_decay: List[str] = field(default_factory=lambda: ["*bias", "*norm*", "*embed*"])
+    # Name pattern (fnmatch) -> multiplier of the scheduled lr; the first matching pattern wins, other
+    # parameters get 1.0. Lets matrices and embeddings/norms train at different rates, as GaLore's do.
+    lr_scales: Dict[str, float] = field(default_factory=dict)
 
 
 class ProjType(str, Enum):

@@ -8,6 +8,7 @@ Feature -> config flag:
     model preset or pretrained weights        model=llama_tiny|llama_60m|...|smollm2_135m
     data source, sequence length, tokenizer   data=pydoc|files|c4, data.seq_len, data.tokenizer.*
     optimizer, lr schedule, clipping          optim=adamw, optim.lr, optim.schedule, optim.grad_clip
+    lr per parameter group (name patterns)    ++optim.lr_scales={*mlp.*_proj.weight:0.5}
     optimizer inside backward                 optim.in_backward=true
     global batch / micro-batch (accumulation) trainer.batch_size, trainer.micro_batch_size
     bf16 mixed precision (GPU)                trainer.precision=auto|bf16|fp32

@@ -2,13 +2,14 @@
 
 Optimizers are looked up by `optim.name` in OPTIMIZERS; a method package (GaLore, ...) adds its own
 with `register_optimizer`, so the trainer never changes when an optimizer is added. A builder gets the
-optimizer config and the trainable parameters split into decay / no-decay groups, each group carrying a
-"names" list beside "params" (so a builder can choose parameters by module name), and returns a
-torch.optim.Optimizer.
+optimizer config and the trainable parameters split into groups by weight decay and lr multiplier
+(optim.lr_scales), each group carrying a "names" list beside "params" (so a builder can choose parameters by
+module name), and returns a torch.optim.Optimizer. A builder that re-splits the groups keeps each group's
+"weight_decay" and "lr_scale" in the groups it makes.
 
-The schedule is a pure function of the step (no LambdaLR object): the trainer writes the lr into every
-param group before each step, so resuming needs only the step count, and optimizers that live inside
-backward (one per parameter) follow the same schedule without a scheduler each.
+The schedule is a pure function of the step (no LambdaLR object): the trainer writes the lr (times the
+group's "lr_scale") into every param group before each step, so resuming needs only the step count, and
+optimizers that live inside backward (one per parameter) follow the same schedule without a scheduler each.
 
 Optimizer-in-backward (`optim.in_backward=true`): one optimizer per parameter, stepped by a
 post-accumulate-grad hook as soon as that parameter's gradient is complete, after which the gradient
@@ -51,22 +52,45 @@ def _adamw(cfg, groups: List[dict]) -> torch.optim.Optimizer:
 
 
 def param_groups(model: nn.Module, cfg) -> List[dict]:
-    """Split trainable parameters into decay and no-decay groups by name pattern (optim.no_decay)."""
-    decay, no_decay = [], []
-    decay_names, no_decay_names = [], []
+    """Split trainable parameters into groups by weight decay (optim.no_decay name patterns) and by lr
+    multiplier (optim.lr_scales: the first matching pattern wins). A group with a multiplier other than 1
+    carries it as "lr_scale", which set_lr applies."""
+    scales = lr_scales(model, cfg)
+    groups: Dict[tuple, dict] = {}  # (decays, lr_scale) -> group
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if cfg.weight_decay and any(fnmatch.fnmatch(name, pat) for pat in cfg.no_decay):
-            no_decay.append(p)
-            no_decay_names.append(name)
-        else:
-            decay.append(p)
-            decay_names.append(name)
-    groups = [{"params": decay, "names": decay_names, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "names": no_decay_names, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+        decays = not (cfg.weight_decay and any(fnmatch.fnmatch(name, pat) for pat in cfg.no_decay))
+        scale = next((s for pat, s in scales.items() if fnmatch.fnmatch(name, pat)), 1.0)
+        group = groups.get((decays, scale))
+        if group is None:
+            group = {"params": [], "names": [], "weight_decay": cfg.weight_decay if decays else 0.0}
+            # Only scaled groups get the key: checkpoints store every group key, and those written
+            # before lr_scales existed must still load into a run that does not use it.
+            if scale != 1.0:
+                group["lr_scale"] = scale
+            groups[(decays, scale)] = group
+        group["params"].append(p)
+        group["names"].append(name)
+    # Decay groups first, the order checkpoints written before lr_scales existed have.
+    return [g for (decays, _), g in groups.items() if decays] + [g for (decays, _), g in groups.items() if not decays]
+
+
+def lr_scales(model: nn.Module, cfg) -> Dict[str, float]:
+    """optim.lr_scales, checked against the whole model: every multiplier finite and > 0, every pattern
+    matching a trainable parameter (a typo would otherwise silently train everything at the full lr)."""
+    scales = dict(getattr(cfg, "lr_scales", None) or {})
+    for pat, s in scales.items():
+        if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
+            raise LlmxError(f"optim.lr_scales['{pat}']={s}: a multiplier of the lr must be a finite number > 0")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    unmatched = [pat for pat in scales if not any(fnmatch.fnmatch(n, pat) for n in names)]
+    if unmatched:
+        raise LlmxError(
+            f"optim.lr_scales: {unmatched} match no trainable parameter; parameter names look like "
+            f"{names[:6]} (fnmatch patterns, e.g. '*mlp.*_proj.weight')"
+        )
+    return {str(pat): float(s) for pat, s in scales.items()}
 
 
 def strip_names(groups: List[dict]) -> List[dict]:
@@ -101,7 +125,7 @@ class InBackwardOptimizer:
         self._hooks = []
         for group in param_groups(model, cfg):
             for name, p in zip(group["names"], group["params"]):
-                opt = build(cfg, [{"params": [p], "names": [name], "weight_decay": group["weight_decay"]}])
+                opt = build(cfg, [{**group, "params": [p], "names": [name]}])
                 self.optimizers.append(opt)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(opt)))
 
@@ -170,8 +194,9 @@ def lr_at(step: int, *, base_lr: float, max_steps: int, warmup_steps: int, sched
 
 
 def set_lr(opt, lr: float) -> None:
+    """Write the scheduled lr into every param group, times the group's optim.lr_scales multiplier."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def grad_params(model: nn.Module) -> Iterable[torch.Tensor]:

@@ -47,6 +47,8 @@ def build_galore_adamw(cfg, groups: List[dict]) -> torch.optim.Optimizer:
     all_names = []
     out = []
     for group in groups:
+        # the trainer's per-group keys: set_lr reads lr_scale from whichever group a parameter lands in
+        keep = {k: group[k] for k in ("weight_decay", "lr_scale") if k in group}
         plain, plain_names, by_rank = [], [], {}  # by_rank: rank -> (parameters, names)
         for name, p in zip(group["names"], group["params"]):
             all_names.append(name)
@@ -61,11 +63,10 @@ def build_galore_adamw(cfg, groups: List[dict]) -> torch.optim.Optimizer:
                 plain_names.append(name)
         # torch wants param_names on every group or none
         if plain:
-            out.append({"params": plain, "param_names": plain_names, "weight_decay": group["weight_decay"]})
+            out.append({"params": plain, "param_names": plain_names, **keep})
         for rank, (params, names) in by_rank.items():
             # param_names: each parameter's randomized-SVD sketch seed is derived from its name
-            out.append({"params": params, "param_names": names, "weight_decay": group["weight_decay"], "rank": rank,
-                        **galore_keys})
+            out.append({"params": params, "param_names": names, **keep, "rank": rank, **galore_keys})
     unmatched = [pat for pat in targets if pat not in matched]
     # In-backward mode builds one optimizer per parameter: a pattern missing from one parameter's name
     # says nothing about the model, so only whole-model builds can check the patterns.
