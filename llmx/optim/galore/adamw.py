@@ -63,7 +63,7 @@ from typing import Dict, Optional
 import torch
 from torch.optim import Optimizer
 
-from llmx.optim.galore.fsdp import ShardView, refresh, shard_view
+from llmx.optim.galore.fsdp import ShardView, local, refresh, shard_view
 from llmx.optim.galore.projector import GaLoreProjector, param_seed
 from llmx.optim.galore.tucker import TuckerProjector, mode_dot
 
@@ -179,11 +179,11 @@ class GaLoreAdamW(Optimizer):
 
     def _read_moments(self, state: dict):
         """fp32 local tensors of M and V; modified in place or passed back to _write_moments."""
-        return _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        return local(state["exp_avg"]), local(state["exp_avg_sq"])
 
     def _write_moments(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
         for key, new in (("exp_avg", m), ("exp_avg_sq", v)):
-            cur = _local(state[key])
+            cur = local(state[key])
             if new is not cur:
                 cur.copy_(new)
 
@@ -373,10 +373,6 @@ class GaLoreAdamW(Optimizer):
         self._projectors.clear()  # rebuilt from the loaded tensors at the next step
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 # ---------------------------------------------------------------------------------------------------
 # 8-bit states
 # ---------------------------------------------------------------------------------------------------
@@ -459,11 +455,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _read_moments(self, state):
         if state["exp_avg"].dtype != torch.uint8:
             return super()._read_moments(state)
-        return tuple(dequantize_rows(_local(state[k]), _local(state[k + "_absmax"]), signed=k == "exp_avg")
+        return tuple(dequantize_rows(local(state[k]), local(state[k + "_absmax"]), signed=k == "exp_avg")
                      for k in ("exp_avg", "exp_avg_sq"))
 
     def _write_moments(self, state, m, v):
         if state["exp_avg"].dtype != torch.uint8:
             return super()._write_moments(state, m, v)
         for key, x in (("exp_avg", m), ("exp_avg_sq", v)):
-            quantize_rows(x, key == "exp_avg", _local(state[key]), _local(state[key + "_absmax"]))
+            quantize_rows(x, key == "exp_avg", local(state[key]), local(state[key + "_absmax"]))

@@ -51,6 +51,11 @@ def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def _meta_stride(shape) -> Tuple[int, ...]:
     return torch.empty(shape, device="meta").stride()
 

@@ -24,16 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmx.optim.galore.fsdp import local
+
 
 _PROJECTOR_METADATA = {"projector.side", "projector.refreshes", "projector.shape", "projector.dtype"}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _local_bytes(t: torch.Tensor) -> int:
-    t = _local(t)
+    t = local(t)
     return t.numel() * t.element_size()
 
 
@@ -73,7 +71,7 @@ def optimizer_state_per_rank(make_model: Callable[[], nn.Module], optim_cfg, wor
                     kind = "moments" if key.startswith("exp_avg") else \
                         "bases" if key.startswith("projector.") and key not in _PROJECTOR_METADATA else "other"
                     out[kind] += _local_bytes(t)
-                    out[kind + "_elements"] = out.get(kind + "_elements", 0) + _local(t).numel()
+                    out[kind + "_elements"] = out.get(kind + "_elements", 0) + local(t).numel()
                 if any(k.startswith("projector.") for k in state):
                     out["largest_grad"] = max(out["largest_grad"], p.numel() * 4)
         out["state"] = out["moments"] + out["bases"] + out["other"]

@@ -67,6 +67,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from llmx.optim.galore.fsdp import is_dtensor
 from llmx.optim.galore.quant import dequantize_groupwise, quantize_groupwise
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -172,10 +173,6 @@ def _rows_len(total: int, rows: Optional[slice]) -> int:
 
 def _sel(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
     return t if rows is None else t[rows]
-
-
-def _is_dtensor(t) -> bool:
-    return hasattr(t, "full_tensor")
 
 
 @contextmanager
@@ -299,7 +296,7 @@ class GaLoreProjector:
             )
             return _sel(full, rows) if self.indexed_by_rows(name) else full
         t = self._state[name]
-        if not _is_dtensor(t):
+        if not is_dtensor(t):
             return _sel(t, rows).to(dtype) if self.indexed_by_rows(name) else t.to(dtype)
         if self.indexed_by_rows(name):
             return t.to_local().to(dtype)
@@ -445,7 +442,7 @@ class GaLoreProjector:
         out = {}
         for name in self.factor_names():
             t = self._state.get(name)
-            if t is not None and _is_dtensor(t):
+            if t is not None and is_dtensor(t):
                 out[name] = t.full_tensor().float()
             else:
                 device = next(iter(self._state.values())).device
