@@ -74,6 +74,7 @@ def _problems_text(problems):
     return "\n".join(f"{what} :: {err}" for what, err in problems)
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_unknown_key(conf_copy):
     _edit(conf_copy, "model/llama_7b.yaml", "hidden_size: 4096", "hidden_size: 4096\nhiden_dim: 3")
     problems = validate_all()
@@ -84,6 +85,7 @@ def test_validate_detects_unknown_key(conf_copy):
     assert "conf/model/llama_7b.yaml" in err and "model.hiden_dim" in err and "hidden_size" in err
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_unknown_key_in_a_default_once(conf_copy):
     # trainer/default is in every composition: one problem naming all of them, not one per config.
     _edit(conf_copy, "trainer/default.yaml", "max_steps: 100", "max_steps: 100\nfoo: 1")
@@ -94,6 +96,7 @@ def test_validate_detects_unknown_key_in_a_default_once(conf_copy):
     assert "unknown key 'trainer.foo'" in err and "conf/trainer/default.yaml" in err
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_wrong_type(conf_copy):
     _edit(conf_copy, "recipe/pretrain_llama60m.yaml", "max_steps: 10000", "max_steps: ten")
     problems = validate_all()
@@ -103,6 +106,7 @@ def test_validate_detects_wrong_type(conf_copy):
     assert "trainer.max_steps" in err and "Integer" in err and "'ten'" in err
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_name_not_stem_and_missing_kind(conf_copy):
     _edit(conf_copy, "recipe/pretrain_llama60m.yaml", "name: pretrain_llama60m", "name: llama60m")
     _edit(conf_copy, "recipe/pretrain_llama60m.yaml", "kind: pretrain\n", "")
@@ -113,6 +117,7 @@ def test_validate_detects_name_not_stem_and_missing_kind(conf_copy):
     assert "'llama60m'" in text and "'pretrain_llama60m'" in text and "kind" in text
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_yaml_syntax_error(conf_copy):
     _edit(conf_copy, "model/llama_60m.yaml", "hidden_size: 512", "hidden_size: [512")
     problems = validate_all()
@@ -123,6 +128,7 @@ def test_validate_detects_yaml_syntax_error(conf_copy):
     assert any("recipe=pretrain_llama60m" in what and "llama_60m.yaml" in err for what, err in problems), text
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_bad_interpolation_and_enum(conf_copy):
     _edit(conf_copy, "logger/wandb.yaml", "project: llmx", "project: ${nope}")
     _edit(conf_copy, "data/c4.yaml", "source: hub", "source: web")
@@ -136,6 +142,7 @@ def test_validate_detects_bad_interpolation_and_enum(conf_copy):
     assert "data.source" in c4_err and "hub" in c4_err and "'web'" in c4_err
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_detects_recipe_selecting_missing_option(conf_copy):
     _edit(conf_copy, "recipe/pretrain_tiny.yaml", "override /model: llama_tiny", "override /model: llama_tinyy")
     problems = validate_all()
@@ -143,6 +150,7 @@ def test_validate_detects_recipe_selecting_missing_option(conf_copy):
     assert any("no config 'llama_tinyy' in group 'model'" in err and "llama_tiny" in err for _, err in problems), text
 
 
+@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
 def test_validate_allows_required_values(conf_copy):
     # `???` means "set at run time" (e.g. the data paths of data=files): not a config error, and
     # neither is a key that interpolates such a value.
