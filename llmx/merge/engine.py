@@ -13,23 +13,27 @@ engine (`_run`):
    the output path are checked. All problems found are raised together as one MergeError.
 2. The output is written into a temporary sibling directory `.<out_dir name>.tmp-<pid>`: config.json,
    tokenizer files, the safetensors shards (written as each tensor is computed, llmx.merge.io), and the
-   manifest `llmx_merge.json`; then renamed to out_dir. A failure at any point removes the temporary
-   directory: out_dir is either absent, or complete. An existing out_dir is an error unless
-   overwrite=True, in which case it is swapped out only once the new one is complete (renamed aside,
-   the new one renamed in, the old one deleted).
+   manifest `llmx_merge.json`; every file and the directory are fsynced (fsync=True), then it is renamed
+   to out_dir and the parent directory fsynced. A failure at any point removes the temporary directory:
+   out_dir is either absent, or complete. An existing out_dir is an error unless overwrite=True, in which
+   case it is exchanged with the complete new one in one atomic step (renameat2 RENAME_EXCHANGE), then
+   deleted; where the system lacks that, it is renamed aside and the new one renamed in, and a crash
+   between the two leaves `.<name>.old-<pid>`, which the next merge into out_dir puts back.
 
-Memory. Tensors are processed in the order the donor stores them. The elementwise methods (ParamΔ, task
-arithmetic, linear) and all copies work on row chunks of at most `chunk_bytes` (16 MiB in compute_dtype)
-per input: each chunk is read with one positioned read into a buffer kept for that input, converted into a
-compute_dtype buffer kept for that input, combined in place (llmx.merge.methods), cast into an output
-buffer and written. The buffers are reused from chunk to chunk (fresh memory for every chunk would cost a
-page fault per 4 KiB, which was half the time of a merge), so this part of the memory is fixed: about
-inputs x (1 + 2 for bf16) x chunk_bytes, whatever the size of the model or of its largest tensor
-(`memory.workspace_bytes` in the manifest). TIES, dare_linear and dare_ties take each tensor whole, in
-fresh tensors (TIES ranks magnitudes over the tensor; DARE's mask is drawn for the tensor), and TIES and
-dare_ties hold every input's delta of it, since the sign election needs them all: about (inputs + 2) x
-the largest tensor in compute_dtype (`memory.peak_live_tensor_bytes`, counted with weak references).
-Hashing queues only the chunk in hand. Nothing grows with the model.
+Memory. Tensors are processed in the order the donor stores them, every method on row chunks of the
+same rows of every input: each chunk is read with one positioned read into a buffer kept for that input,
+copied into a compute_dtype buffer kept for that input (skipped for an input already in compute_dtype when
+nothing is hashed: the background hash must see the bytes as read, never as changed by the arithmetic),
+combined (llmx.merge.methods), cast into an output buffer and written. The buffers are reused from chunk to
+chunk (fresh memory for every chunk would cost a page fault per 4 KiB, which was half the time of a merge).
+TIES and DARE first make their statistics passes over the chunks of a tensor (TIES's exact magnitude
+threshold, DARE's L1 rescale; methods.SparseMerge), then merge chunk by chunk; a tensor that fits in one
+chunk is read once. A chunk holds at most `chunk_bytes` (16 MiB) of compute dtype per input, and fewer
+elements when every input's buffers and the election's temporaries would pass MEMORY_BUDGET (128 MiB; many
+models): the working memory is fixed whatever the size of the model or of its largest tensor. The manifest
+reports it (`memory.workspace_bytes`, `chunk_elements`) and the process's real memory: its peak resident
+size during the merge (VmHWM, reset at the start where Linux allows), the growth of that peak over the
+size at the start, and the anonymous resident memory at the end. Nothing grows with the model.
 
 Tensor names, include/exclude. Patterns are shell-style (fnmatch, case-sensitive: `*` matches any run of
 characters including dots, so `model.layers.*.mlp.*` and `*norm*` work); a pattern that starts with
@@ -63,7 +67,9 @@ Files. config.json from the new base (ParamΔ) or `config_from` (default: the ba
 with vocab_size / tie_word_embeddings / dtype updated as above; the tokenizer and chat template
 (TOKENIZER_FILES) and generation_config.json from the post-trained model (ParamΔ) or `tokenizer_from`
 (default: the first model). Arithmetic in compute_dtype (float32), saved in the donor's dtype of each
-tensor unless `dtype` is given.
+tensor unless `dtype` is given. The inputs' floating-point dtypes may differ (real ParamΔ triples mix fp32
+and bf16 releases): each is read in its own dtype and converted to compute_dtype; the manifest's
+`mixed_input_dtypes` lists where they differ. Integer tensors must agree (they are copied).
 
 The manifest `llmx_merge.json`: method, formula, parameters, every input (role, path, weight, format,
 each weight file's size and SHA-256, config.json's SHA-256), config and tokenizer sources, include/exclude
@@ -80,7 +86,6 @@ import os
 import re
 import shutil
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -112,15 +117,19 @@ HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 METHOD_PARAMS: Dict[str, Dict[str, Any]] = {
     "task_arithmetic": {"lambda": 1.0, "normalize": False},
     "linear": {"normalize": True},
-    "ties": {"density": 1.0, "lambda": 1.0, "normalize": True},
+    "ties": {"density": 1.0, "lambda": 1.0, "normalize": True, "zero_sign": "positive", "divisor": "signed"},
     "dare_linear": {"density": 1.0, "lambda": 1.0, "rescale": True, "normalize": False},
-    "dare_ties": {"density": 1.0, "lambda": 1.0, "rescale": True, "normalize": True},
+    "dare_ties": {"density": 1.0, "lambda": 1.0, "rescale": True, "normalize": True, "zero_sign": "positive",
+                  "divisor": "signed"},
     "paramdelta": {"new_base": None},
 }
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "paramdelta")
 # Methods whose output entry depends only on the same entry of the inputs: computed in row chunks.
 ELEMENTWISE = ("paramdelta", "task_arithmetic", "linear")
+SPARSE = ("ties", "dare_linear", "dare_ties")
 HASH_QUEUE_BYTES = 256 * 2**20
+# Working memory the chunk size is chosen to fit (see Memory in the module docstring).
+MEMORY_BUDGET = 128 * 2**20
 MAX_LISTED = 60
 
 PathLike = Union[str, os.PathLike]
@@ -221,11 +230,13 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
     for i, m in enumerate(models):
         try:
             path, weight = m
-            pairs.append((path, float(weight)))
-            if not _finite(float(weight)):
-                problems.append(f"models[{i}]: weight {weight!r} is not a finite number")
         except (TypeError, ValueError):
             problems.append(f"models[{i}]={m!r}: expected a (path, weight) pair")
+            continue
+        if isinstance(weight, bool) or not _finite(weight):
+            problems.append(f"models[{i}] ({path}): weight {weight!r} is not a finite number")
+            continue
+        pairs.append((path, float(weight)))
     if not models:
         problems.append(f"models is empty: {method} needs at least one (path, weight)")
     if method in NEEDS_BASE and base is None:
@@ -257,9 +268,14 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
     p = {**METHOD_PARAMS[method], **params}
     n = len(pairs)
     weights = [w for _, w in pairs]
-    for key in ("normalize", "rescale"):
-        if key in p and not isinstance(p[key], bool):
-            problems.append(f"params.{key}={p[key]!r}: must be true or false")
+    if "normalize" in p and not isinstance(p["normalize"], bool):
+        problems.append(f"params.normalize={p['normalize']!r}: must be true or false")
+    if "rescale" in p and not (isinstance(p["rescale"], bool) or p["rescale"] == "l1"):
+        problems.append(f"params.rescale={p['rescale']!r}: valid: true (1/density, the DARE paper's), false, "
+                        "'l1' (keep each tensor's L1 norm, mergekit's)")
+    for key, valid in (("zero_sign", M.ZERO_SIGNS), ("divisor", M.DIVISORS)):
+        if key in p and p[key] not in valid:
+            problems.append(f"params.{key}={p[key]!r}: valid: {', '.join(valid)}")
     if "lambda" in p and (isinstance(p["lambda"], bool) or not isinstance(p["lambda"], (int, float))
                           or not _finite(p["lambda"])):
         problems.append(f"params.lambda={p['lambda']!r}: must be a finite number")
@@ -283,22 +299,18 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
                tokenizer_from=tokenizer_from, tokenizer_role="model0", policy_roles=policy_roles,
                params={"weights": weights, **p}, formula=_formula(method, p, weights), problems=problems)
     lam = float(p.get("lambda", 1.0)) if not isinstance(p.get("lambda", 1.0), bool) else 1.0
-    dens = p.get("density", 1.0)
 
     def compute(name, get):
-        cd = job.compute_dtype
         ms = [get(r) for r in roles]
         if method == "task_arithmetic":
-            return M.task_arithmetic(get("base"), ms, weights, lam=lam, normalize=p["normalize"], dtype=cd)
-        if method == "linear":
-            return M.linear(ms, weights, normalize=p["normalize"], dtype=cd)
-        if method == "ties":
-            return M.ties(get("base"), ms, weights, density=dens, lam=lam, normalize=p["normalize"], dtype=cd)
-        gens = [torch.Generator().manual_seed(M.tensor_seed(seed, name, i)) for i in range(n)]
-        fn = M.dare_linear if method == "dare_linear" else M.dare_ties
-        return fn(get("base"), ms, weights, density=dens, lam=lam, rescale=p["rescale"],
-                  normalize=p["normalize"], generators=gens, dtype=cd)
+            return M.task_arithmetic(get("base"), ms, weights, lam=lam, normalize=p["normalize"],
+                                     dtype=job.compute_dtype)
+        return M.linear(ms, weights, normalize=p["normalize"], dtype=job.compute_dtype)
 
+    if method in SPARSE:
+        extra = {k: p[k] for k in ("rescale", "zero_sign", "divisor") if k in p}
+        job.sparse = lambda name, numel: M.SparseMerge(method, numel, weights, density=p["density"], lam=lam,
+                                                       normalize=p["normalize"], seed=seed, name=name, **extra)
     job.compute = compute
     return _run(job, include=include, exclude=exclude, vocab_policy=vocab_policy, dtype=dtype,
                 compute_dtype=compute_dtype, allow_pickle=allow_pickle, shard_size=shard_size, log=log,
@@ -314,13 +326,14 @@ def _formula(method: str, p: Dict[str, Any], weights: Sequence[float]) -> str:
         return f"base + {lam:g} * {core}; {w}"
     if method == "linear":
         return "sum_i w_i model_i" + (" / sum_i w_i" if p["normalize"] else "") + f"; {w}"
+    merge_opts = f"normalize={p['normalize']}, zero_sign={p.get('zero_sign')}, divisor={p.get('divisor')}"
     if method == "ties":
         return (f"base + {lam:g} * disjoint_merge(elect_sign(trim_topk(w_i (model_i - base), density="
-                f"{p['density']})), normalize={p['normalize']}); {w}")
+                f"{p['density']})), {merge_opts}); {w}")
     drop = f"dare(model_i - base, density={p['density']}, rescale={p['rescale']})"
     if method == "dare_linear":
         return f"base + {lam:g} * sum_i w_i {drop}" + (" / sum_i w_i" if p["normalize"] else "") + f"; {w}"
-    return f"base + {lam:g} * disjoint_merge(elect_sign(w_i {drop}), normalize={p['normalize']}); {w}"
+    return f"base + {lam:g} * disjoint_merge(elect_sign(w_i {drop}), {merge_opts}); {w}"
 
 
 # ------------------------------------------------------------------------------------------- the engine
@@ -339,7 +352,8 @@ class _Job:
     params: Dict[str, Any]
     formula: str
     problems: List[str] = field(default_factory=list)
-    compute: Optional[Callable] = None
+    compute: Optional[Callable] = None  # elementwise methods: compute(name, get) -> the chunk merged
+    sparse: Optional[Callable] = None  # TIES/DARE: sparse(name, numel) -> methods.SparseMerge for the tensor
     compute_dtype: torch.dtype = torch.float32
     cks: Dict[str, Checkpoint] = field(default_factory=dict)
 
@@ -353,24 +367,6 @@ class _Entry:
     shape: Tuple[int, ...]
     action: str  # "merge" | "copy"
     vocab: Optional[Tuple[int, int]] = None  # (shared rows S, output rows T) when the inputs' rows differ
-
-
-class _LiveBytes:
-    """Bytes of input tensors alive at once (weak references to what the readers returned), and the peak."""
-
-    def __init__(self):
-        self.live = 0
-        self.peak = 0
-
-    def track(self, t: torch.Tensor) -> torch.Tensor:
-        n = t.numel() * t.element_size()
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(t, self._release, n)
-        return t
-
-    def _release(self, n: int) -> None:
-        self.live -= n
 
 
 def _finite(x) -> bool:
@@ -461,6 +457,8 @@ def _run(job: _Job, *, include, exclude, vocab_policy, dtype, compute_dtype, all
                         "base; name an input instead: " + ", ".join(r for r, _, _ in job.inputs))
 
     out_dir = Path(job.out_dir).expanduser().absolute()
+    if out_dir.parent.is_dir():
+        _restore_interrupted(out_dir, log)
     pool = HashPool(HASH_QUEUE_BYTES) if hash_inputs else None
     cks: Dict[str, Checkpoint] = {}
     for role, path, _ in job.inputs:
@@ -496,7 +494,7 @@ def _run(job: _Job, *, include, exclude, vocab_policy, dtype, compute_dtype, all
         log(f"{job.method}: {job.formula}")
         log(f"{job.method}: {len(plan)} tensors ({report['tensors']['merged']} merged, "
             f"{report['tensors']['copied']} copied), validated in {t_validated - t_start:.1f} s; writing {out_dir}")
-        chunk_elems = max(1, chunk // torch.empty((), dtype=job.compute_dtype).element_size())
+        chunk_elems = _chunk_elems(chunk, job, cks)
         return _write(job, cks, plan, report, out_dir, shard_bytes=shard_bytes, chunk_elems=chunk_elems,
                       pool=pool, log=log,
                       overwrite=overwrite, fsync=fsync, on_tensor=on_tensor, seed=seed, t_start=t_start,
@@ -507,6 +505,16 @@ def _run(job: _Job, *, include, exclude, vocab_policy, dtype, compute_dtype, all
             ck.close()
         if pool is not None:
             pool.close()
+
+
+def _chunk_elems(chunk_bytes: int, job: _Job, cks: Dict[str, Checkpoint]) -> int:
+    """Elements per input per chunk: chunk_bytes of compute dtype, fewer if the buffers of every input would
+    pass MEMORY_BUDGET (many models). Per element: each input's read buffer (its largest dtype) and its copy
+    in compute dtype, the output, and for TIES/DARE about six temporaries of the election."""
+    cd = torch.empty((), dtype=job.compute_dtype).element_size()
+    read = sum(max((i.dtype.itemsize for i in ck.tensors.values()), default=4) for ck in cks.values())
+    per_elem = read + cd * len(cks) + cd * (6 if job.sparse is not None else 1)
+    return max(1, min(chunk_bytes // cd, MEMORY_BUDGET // per_elem))
 
 
 def _plan(job: _Job, cks: Dict[str, Checkpoint], problems: List[str], inc, exc, vocab_policy: str,
@@ -578,6 +586,7 @@ def _plan(job: _Job, cks: Dict[str, Checkpoint], problems: List[str], inc, exc, 
     vocab_names = [n for n in ref_names if n.endswith(EMBED_SUFFIXES + HEAD_SUFFIXES)]
     rows: Dict[str, Dict[str, int]] = {}  # vocab tensor -> role -> rows
     shape_problems, dtype_problems = [], []
+    mixed: Dict[str, List[str]] = {}  # floating dtypes that differ between inputs: computed in compute_dtype
     for name in sorted(ref_names):
         ri = ref.info(name)
         for role, ck in good.items():
@@ -589,15 +598,17 @@ def _plan(job: _Job, cks: Dict[str, Checkpoint], problems: List[str], inc, exc, 
                     rows.setdefault(name, {ref_role: ri.shape[0]})[role] = ci.shape[0]
                 else:
                     shape_problems.append(f"{name}: shape {list(ri.shape)} in {ref_role}, {list(ci.shape)} in {role}")
-            if ci.dtype != ri.dtype:
+            if ci.dtype != ri.dtype and ci.dtype.is_floating_point and ri.dtype.is_floating_point:
+                mixed.setdefault(f"{role}: {dtype_name(ci.dtype)}, {ref_role}: {dtype_name(ri.dtype)}", []).append(name)
+            elif ci.dtype != ri.dtype:
                 dtype_problems.append(f"{name}: dtype {dtype_name(ri.dtype)} in {ref_role}, {dtype_name(ci.dtype)} "
                                       f"in {role}")
     if shape_problems:
         problems.append(f"{len(shape_problems)} tensor(s) differ in shape:")
         problems += ["  " + s for s in shape_problems]
     if dtype_problems:
-        problems.append(f"{len(dtype_problems)} tensor(s) differ in dtype (pass the same dtypes; `dtype` sets "
-                        "only the saved dtype):")
+        problems.append(f"{len(dtype_problems)} tensor(s) differ in dtype between an integer and another type "
+                        "(floating-point dtypes may differ; integer tensors are copied and must agree):")
         problems += ["  " + s for s in dtype_problems]
 
     # Vocabulary.
@@ -677,6 +688,7 @@ def _plan(job: _Job, cks: Dict[str, Checkpoint], problems: List[str], inc, exc, 
                          "excluded_names": excluded if len(excluded) <= 2000 else excluded[:2000] + ["..."]}
     report["vocab"] = vocab
     report["mixed_tie"] = mixed_tie
+    report["mixed_dtypes"] = {k: {"tensors": len(v), "names": v[:20]} for k, v in mixed.items()}
     report["ref_role"] = ref_role
     return plan, report
 
@@ -734,7 +746,8 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
                 tok_files.append(f)
 
         # Tensors.
-        live, ws = _LiveBytes(), _Workspace()
+        ws = _Workspace()
+        mem = _ProcMemory()
         writer = ShardedWriter(tmp, [(e.name, e.dtype, e.shape) for e in plan], shard_bytes, hash_pool=pool,
                                fsync=fsync)
         total = len(plan)
@@ -742,7 +755,7 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
         t_loop = time.perf_counter()
         policy_ck = cks[job.policy_roles[vocab_policy]] if vocab_policy in job.policy_roles else None
         for i, e in enumerate(plan):
-            for piece in _pieces(job, e, donor, policy_ck, live, ws, chunk_elems):
+            for piece in _pieces(job, e, donor, policy_ck, ws, chunk_elems, copy_inputs=pool is not None):
                 if piece.dtype != e.dtype:
                     out = ws.buf("out", e.dtype, piece.numel()).view(piece.shape)
                     out.copy_(piece)
@@ -770,12 +783,16 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
                              vocab_policy=vocab_policy, include=include, exclude=exclude, compute_dtype=cd,
                              out_dtype=out_dtype, seed=seed, shard_bytes=shard_bytes, input_hashes=input_hashes,
                              chunk_elems=chunk_elems,
-                             live=live, ws=ws, timings={"validate_s": t_validated - t_start,
+                             mem=mem.read(), ws=ws, timings={"validate_s": t_validated - t_start,
                                                  "tensors_s": t_tensors - t_loop,
                                                  "finish_input_hashes_s": t_hashed - t_tensors,
                                                  "total_s": time.perf_counter() - t_start})
-        (tmp / "llmx_merge.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if fsync:  # every file and the directory entry on disk before the output is published
+            _fsync_tree(tmp)
         _publish(tmp, out_dir, overwrite)
+        if fsync:
+            _fsync_path(out_dir.parent)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -788,8 +805,46 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
         raise
     secs = time.perf_counter() - t_start
     log(f"{job.method}: wrote {out_dir} ({layout['total_size'] / 1e9:.3f} GB in {len(layout['files'])} shard(s)) "
-        f"in {secs:.1f} s; peak input tensors alive {live.peak / 1e6:.1f} MB")
+        f"in {secs:.1f} s")
     return out_dir
+
+
+def _proc_status() -> Dict[str, int]:
+    """VmRSS, VmHWM, RssAnon of this process in bytes (Linux; empty elsewhere)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class _ProcMemory:
+    """The process's real resident memory over the merge: its peak (VmHWM, reset when the merge starts where
+    the kernel allows: /proc/self/clear_refs), the growth of that peak over the resident size at the start,
+    and the anonymous part (RssAnon: not file pages) at the end."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.start = _proc_status()
+
+    def read(self) -> Dict[str, Any]:
+        now = _proc_status()
+        if "VmHWM" not in now:
+            return {"peak_rss_bytes": None}
+        return {"rss_at_start_bytes": self.start["VmRSS"], "peak_rss_bytes": now["VmHWM"],
+                "peak_rss_growth_bytes": now["VmHWM"] - self.start["VmRSS"],
+                "peak_rss_since": "merge start" if self.reset else "process start",
+                "rss_anon_at_end_bytes": now.get("RssAnon")}
 
 
 class _Workspace:
@@ -811,71 +866,123 @@ class _Workspace:
         return sum(b.numel() * b.element_size() for b in self.bufs.values())
 
 
-def _pieces(job: _Job, e: _Entry, donor: Checkpoint, policy_ck: Optional[Checkpoint], live: _LiveBytes,
-            ws: _Workspace, chunk_elems: int):
+def _pieces(job: _Job, e: _Entry, donor: Checkpoint, policy_ck: Optional[Checkpoint], ws: _Workspace,
+            chunk_elems: int, copy_inputs: bool):
     """The output tensor `e` as consecutive row ranges, each computed (or copied) from the inputs' same rows.
 
     Rows [0, S) are merged (S: every input's rows; all rows without a vocabulary mismatch), rows [S, T) are
     copied from the vocabulary policy's model; a copied tensor comes from the donor (its first rows, as many
-    as it has, the rest from the policy's model). The elementwise methods (ELEMENTWISE) and copies work on
-    chunks of at most `chunk_elems` elements per input (at least one row), in reused buffers, so that a 1 GB
-    embedding costs no more than a chunk; the other methods get each range whole, in fresh tensors (TIES
-    ranks magnitudes over the whole tensor, DARE draws its mask for it). A piece is valid until the next."""
-    cd = job.compute_dtype
-
-    def fresh(role, rr):  # a fresh tensor in compute dtype, counted while alive
-        return lambda: live.track(job.cks[role].read(e.name, rows=rr).to(cd))
-
-    if not e.shape:  # a scalar
-        yield job.compute(e.name, lambda role: fresh(role, None)) if e.action == "merge" else donor.read(e.name)
-        return
-    rows = e.shape[0]
-    if rows == 0:
-        yield torch.empty(e.shape, dtype=e.dtype)
-        return
-    if e.action == "merge":
-        head = e.vocab[0] if e.vocab else rows
-        segments = [("merge", 0, head)]
+    as it has, the rest from the policy's model). Every method works on chunks of at most `chunk_elems`
+    elements per input (at least one row), in reused buffers, so that a 1 GB embedding costs no more than a
+    chunk; TIES and DARE first make their statistics passes over the chunks (methods.SparseMerge).
+    copy_inputs: give the methods a copy of each chunk read, never the read buffer itself (which the
+    background hash may still be reading). A piece is valid until the next."""
+    if not e.shape or e.shape[0] == 0:  # a scalar, or nothing
+        if e.action == "copy" or not e.shape:
+            segments = [("merge" if e.action == "merge" else donor, 0, 1)]
+        else:
+            yield torch.empty(e.shape, dtype=e.dtype)
+            return
     else:
-        head = min(donor.info(e.name).shape[0], rows) if e.vocab else rows
-        segments = [(donor, 0, head)]
-    if head < rows:  # rows beyond the shared ones: from the vocabulary policy's model
-        segments.append((policy_ck, head, rows))
-    row_elems = max(1, math.prod(e.shape[1:]))
+        rows = e.shape[0]
+        head = (e.vocab[0] if e.vocab else rows) if e.action == "merge" else (
+            min(donor.info(e.name).shape[0], rows) if e.vocab else rows)
+        segments = [("merge" if e.action == "merge" else donor, 0, head)]
+        if head < rows:  # rows beyond the shared ones: from the vocabulary policy's model
+            segments.append((policy_ck, head, rows))
+    row_shape = tuple(e.shape[1:])
+    row_elems = max(1, math.prod(row_shape))
     step = max(1, chunk_elems // row_elems)
     for what, a, b in segments:
-        if what == "merge" and job.method not in ELEMENTWISE:
-            yield job.compute(e.name, lambda role: fresh(role, None if e.vocab is None else (a, b)))
-            continue
-        for r0 in range(a, b, step):
-            r1 = min(r0 + step, b)
-            rr = None if e.vocab is None and (r0, r1) == (0, rows) else (r0, r1)
-            shape = (r1 - r0,) + tuple(e.shape[1:])
+        ranges = [(r0, min(r0 + step, b)) for r0 in range(a, b, step)]
+
+        def read(role, r0, r1, key=None):  # rows [r0, r1) of this role's tensor, in compute dtype
+            ck = job.cks[role] if isinstance(role, str) else role
+            whole = not e.shape or (e.vocab is None and (r0, r1) == (0, e.shape[0]))
+            shape = ((r1 - r0),) + row_shape if e.shape else ()
             numel = math.prod(shape)
-            if what != "merge":
-                yield what.read(e.name, rows=rr, out=ws.buf(("raw", what.role), torch.uint8,
-                                                             numel * what.info(e.name).dtype.itemsize))
-                continue
+            raw = ck.read(e.name, rows=None if whole else (r0, r1),
+                          out=ws.buf(("raw", ck.role), torch.uint8, numel * ck.info(e.name).dtype.itemsize))
+            if key is None or (raw.dtype == job.compute_dtype and not copy_inputs):
+                return raw.view(shape)
+            work = ws.buf(key, job.compute_dtype, numel).view(shape)
+            return work.copy_(raw)
 
-            def get(role, rr=rr, shape=shape, numel=numel):  # the chunk in compute dtype, in this role's buffer
-                def load():
-                    ck = job.cks[role]
-                    raw = ck.read(e.name, rows=rr, out=ws.buf(("raw", role), torch.uint8,
-                                                              numel * ck.info(e.name).dtype.itemsize))
-                    if raw.dtype == cd:
-                        return raw
-                    work = ws.buf(("work", role), cd, numel).view(shape)
-                    work.copy_(raw)
-                    return work
-                return load
+        if what != "merge":
+            for r0, r1 in ranges:
+                yield read(what, r0, r1)
+        elif job.sparse is None:
+            for r0, r1 in ranges:
+                yield job.compute(e.name, lambda role, r0=r0, r1=r1: lambda: read(role, r0, r1, ("work", role)))
+        else:
+            yield from _sparse_pieces(job, e.name, ranges, row_elems, read)
 
-            yield job.compute(e.name, get)
+
+def _sparse_pieces(job: _Job, name: str, ranges, row_elems: int, read):
+    """TIES/DARE over the chunks `ranges`: the statistics passes, then the merged chunks. A tensor that fits
+    in one chunk is read once."""
+    roles = [r for r, _, _ in job.inputs if r != "base"]
+    first = ranges[0][0]
+    sm = job.sparse(name, (ranges[-1][1] - first) * row_elems)
+
+    def load(r0, r1):
+        base = read("base", r0, r1, ("work", "base"))
+        return base, [read(r, r0, r1, ("work", r)).sub_(base) for r in roles]
+
+    loaded = load(*ranges[0]) if len(ranges) == 1 else None
+    for _ in range(sm.passes):
+        for r0, r1 in ranges:
+            sm.observe((r0 - first) * row_elems, (loaded or load(r0, r1))[1])
+        sm.end_pass()
+    for r0, r1 in ranges:
+        base, deltas = loaded or load(r0, r1)
+        yield sm.merge((r0 - first) * row_elems, base, deltas)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            _fsync_path(f)
+    _fsync_path(d)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished tmp directory to out_dir. An existing out_dir (overwrite) is swapped with tmp in one
+    atomic step where the system allows it, so that a crash at any moment leaves out_dir complete, old or
+    new; elsewhere it is renamed aside first (a crash between the two renames leaves it at
+    .<name>.old-<pid>, which the next merge into out_dir restores)."""
     if out_dir.exists():
         if not overwrite:
             raise MergeError([f"out_dir={out_dir} appeared while merging; the merge is discarded"])
+        if _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old output
+            return
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if old.exists():
             shutil.rmtree(old)
@@ -890,6 +997,18 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         os.rename(tmp, out_dir)
 
 
+def _restore_interrupted(out_dir: Path, log) -> None:
+    """An overwrite interrupted between its two renames (systems without an atomic exchange) left the old
+    output at .<name>.old-<pid>: put it back."""
+    if out_dir.exists():
+        return
+    for old in sorted(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        if (old / MANIFEST).is_file():
+            os.rename(old, out_dir)
+            log(f"restored {out_dir} from {old.name}, left by an interrupted overwrite")
+            return
+
+
 def _llmx_version() -> str:
     try:
         from importlib.metadata import version
@@ -900,7 +1019,7 @@ def _llmx_version() -> str:
 
 
 def _manifest(job: _Job, cks, plan, report, layout, changed, tok_src, tok_files, cfg_src, *, vocab_policy,
-              include, exclude, compute_dtype, out_dtype, seed, shard_bytes, input_hashes, live, timings,
+              include, exclude, compute_dtype, out_dtype, seed, shard_bytes, input_hashes, mem, timings,
               chunk_elems, ws):
     import hashlib
 
@@ -947,9 +1066,9 @@ def _manifest(job: _Job, cks, plan, report, layout, changed, tok_src, tok_files,
         "dtypes": {"inputs": in_dtypes, "output": out_dtypes, "compute": dtype_name(compute_dtype),
                    "requested_output": dtype_name(out_dtype) if out_dtype is not None else None},
         "output": {**layout, "shard_size": shard_bytes},
-        "memory": {"workspace_bytes": ws.nbytes, "peak_live_tensor_bytes": live.peak,
-                   "largest_input_tensor_bytes": largest, "inputs": len(job.inputs), "chunk_elements": chunk_elems,
-                   "chunked": job.method in ELEMENTWISE},
+        "memory": {"workspace_bytes": ws.nbytes, "budget_bytes": MEMORY_BUDGET, "chunk_elements": chunk_elems,
+                   "largest_input_tensor_bytes": largest, "inputs": len(job.inputs), **mem},
+        "mixed_input_dtypes": report["mixed_dtypes"],
         "hashes": "sha256" if input_hashes else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
