@@ -709,6 +709,41 @@ def test_manifest_input_hashes_are_the_files_sha256_for_every_method(tmp_path, d
             method
 
 
+def test_known_hashes_are_reused_from_the_cache_and_hub_blob_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMX_CACHE", str(tmp_path / "cache"))
+    t = rand_tensors(0, n=3)
+    post, base = (write_ckpt(tmp_path / r, {k: v + i for k, v in t.items()}) for i, r in enumerate(("post", "base")))
+    # new_base as the Hugging Face hub cache stores it: snapshots/<rev>/file -> ../../blobs/<sha256 of the file>
+    new = write_ckpt(tmp_path / "staging", {k: v * 2 for k, v in t.items()})
+    digest = hashlib.sha256((new / "model.safetensors").read_bytes()).hexdigest()
+    hub = tmp_path / "hub" / "models--x--y"
+    (hub / "blobs").mkdir(parents=True)
+    (new / "model.safetensors").rename(hub / "blobs" / digest)
+    snap = hub / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(Path("../../blobs") / digest)
+    (snap / "config.json").write_text((new / "config.json").read_text())
+
+    def sources(out):
+        return {e["role"]: (e["files"][0]["sha256_from"], e["files"][0]["sha256"]) for e in load_manifest(out)["inputs"]}
+
+    first = sources(paramdelta(post, base, snap, tmp_path / "o1"))
+    assert {r: s for r, (s, _) in first.items()} == {"post": "computed", "base": "computed", "new_base": "hf_blob"}
+    assert first["new_base"][1] == digest
+    second = sources(paramdelta(post, base, snap, tmp_path / "o2"))
+    assert second == {r: ("cache" if r != "new_base" else "hf_blob", h) for r, (_, h) in first.items()}
+    # a file changed since it was hashed has another size or time: hashed again, and right
+    write_ckpt(post, {k: v + 5 for k, v in t.items()})
+    third = sources(paramdelta(post, base, snap, tmp_path / "o3"))
+    assert third["post"] == ("computed", hashlib.sha256((post / "model.safetensors").read_bytes()).hexdigest())
+    assert third["base"][0] == "cache"
+    off = sources(paramdelta(post, base, snap, tmp_path / "o4", hash_cache=False))
+    assert {s for s, _ in off.values()} == {"computed"} and off["new_base"][1] == digest
+    # an output's hash is cached too: merging it later costs no hashing
+    later = sources(paramdelta(tmp_path / "o1", base, snap, tmp_path / "o5"))
+    assert later["post"] == ("cache", load_manifest(tmp_path / "o1")["output"]["files"][0]["sha256"])
+
+
 def test_streaming_writes_tensor_by_tensor_with_bounded_buffers(tmp_path):
     """40 tensors of 16 KB (fp32 64x64) per input; a merge that held whole models would need 3 x 640 KB."""
     def model(seed):
@@ -727,17 +762,14 @@ def test_streaming_writes_tensor_by_tensor_with_bounded_buffers(tmp_path):
     assert len(seen) == 40 and all(b - a == largest for a, b in zip(seen, seen[1:]))
     mem = load_manifest(out)["memory"]
     assert mem["largest_input_tensor_bytes"] == largest
-    # ParamΔ on fp32 inputs: per input one reused read buffer and a copy (the read buffer may still be in the
-    # background hash); no fresh tensors
-    assert mem["workspace_bytes"] == 6 * 4096 and mem["chunk_elements"] == 1024
-    out = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "nohash", chunk_bytes=4096, hash_inputs=False)
-    assert load_manifest(out)["memory"]["workspace_bytes"] == 3 * 4096  # nothing hashed: computed in place
+    # ParamΔ on fp32 inputs: one reused read buffer per input, computed in place; no fresh tensors
+    assert mem["workspace_bytes"] == 3 * 4096 and mem["chunk_elements"] == 1024
     out = paramdelta(ins["post"], ins["base"], ins["new"], tmp_path / "out2", chunk_bytes=1024, dtype=torch.bfloat16)
-    assert load_manifest(out)["memory"]["workspace_bytes"] == 6 * 1024 + 512  # + the bf16 output chunk
+    assert load_manifest(out)["memory"]["workspace_bytes"] == 3 * 1024 + 512  # + the bf16 output chunk
     # TIES streams too: the same buffers of one chunk per input, whatever the tensor's size
     ties_out = merge("ties", tmp_path / "ties", models=[(ins["post"], 1.0), (ins["new"], 1.0)], base=ins["base"],
                      params={"density": 0.5}, chunk_bytes=4096)
-    assert load_manifest(ties_out)["memory"]["workspace_bytes"] == 6 * 4096
+    assert load_manifest(ties_out)["memory"]["workspace_bytes"] == 3 * 4096
 
 
 RSS_SCRIPT = """

@@ -22,9 +22,10 @@ engine (`_run`):
 
 Memory. Tensors are processed in the order the donor stores them, every method on row chunks of the
 same rows of every input: each chunk is read with one positioned read into a buffer kept for that input,
-copied into a compute_dtype buffer kept for that input (skipped for an input already in compute_dtype when
-nothing is hashed: the background hash must see the bytes as read, never as changed by the arithmetic),
-combined (llmx.merge.methods), cast into an output buffer and written. The buffers are reused from chunk to
+converted into a compute_dtype buffer kept for that input (unless already in compute_dtype), combined
+(llmx.merge.methods), cast into an output buffer and written. The files' SHA-256 are computed on other
+threads that read the files themselves (llmx.merge.io, Hashing), never from these buffers, which the
+arithmetic changes in place. The buffers are reused from chunk to
 chunk (fresh memory for every chunk would cost a page fault per 4 KiB, which was half the time of a merge).
 TIES and DARE first make their statistics passes over the chunks of a tensor (TIES's exact magnitude
 threshold, DARE's L1 rescale; methods.SparseMerge), then merge chunk by chunk; a tensor that fits in one
@@ -93,9 +94,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from llmx.merge import methods as M
-from llmx.merge.io import (Checkpoint, HashPool, ShardedWriter, dtype_name, open_checkpoint, ordered_names,
+from llmx.merge.io import (Checkpoint, FileHashes, ShardedWriter, dtype_name, open_checkpoint, ordered_names,
                            parse_size)
-from llmx.utils import LlmxError
+from llmx.utils import LlmxError, cache_dir
 
 MANIFEST = "llmx_merge.json"
 MANIFEST_FORMAT = "llmx-merge-1"
@@ -127,7 +128,6 @@ NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "paramdelta
 # Methods whose output entry depends only on the same entry of the inputs: computed in row chunks.
 ELEMENTWISE = ("paramdelta", "task_arithmetic", "linear")
 SPARSE = ("ties", "dare_linear", "dare_ties")
-HASH_QUEUE_BYTES = 256 * 2**20
 # Working memory the chunk size is chosen to fit (see Memory in the module docstring).
 MEMORY_BUDGET = 128 * 2**20
 MAX_LISTED = 60
@@ -165,7 +165,7 @@ def paramdelta(post: PathLike, base: PathLike, new_base: PathLike, out_dir: Path
                vocab_policy: str = "error", dtype: Optional[torch.dtype] = None,
                compute_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                shard_size: Union[str, int] = "5GB", log: Optional[Callable[[str], None]] = None,
-               overwrite: bool = False, hash_inputs: bool = True, fsync: bool = True,
+               overwrite: bool = False, hash_inputs: bool = True, hash_cache: bool = True, fsync: bool = True,
                chunk_bytes: Union[str, int] = "16MiB",
                on_tensor: Optional[Callable[[str, int, int], None]] = None) -> Path:
     """ParamΔ (arXiv 2504.21023): out_dir = new_base + scale * (post - base), streamed tensor by tensor.
@@ -175,7 +175,8 @@ def paramdelta(post: PathLike, base: PathLike, new_base: PathLike, out_dir: Path
     from post. See the module docstring for include/exclude (fnmatch patterns, "re:" for a regex; excluded
     tensors are copied from new_base), vocab_policy ("error" | "post" | "new_base"), tied embeddings,
     dtypes, the output's atomic publication and the manifest. hash_inputs=False skips the inputs' SHA-256
-    (the manifest then has none); chunk_bytes bounds the rows computed at once per input (see Memory);
+    (the manifest then has none); hash_cache=False computes every hash even when a Hugging Face cache blob
+    name or llmx's hash cache already knows it (llmx.merge.io, Hashing); chunk_bytes bounds the rows computed at once per input (see Memory);
     on_tensor(name, index, total) is called after each tensor is written.
     Returns out_dir. Raises MergeError (listing every problem) before writing anything on bad input.
     """
@@ -192,7 +193,7 @@ def paramdelta(post: PathLike, base: PathLike, new_base: PathLike, out_dir: Path
                                                  dtype=job.compute_dtype)
     return _run(job, include=include, exclude=exclude, vocab_policy=vocab_policy, dtype=dtype,
                 compute_dtype=compute_dtype, allow_pickle=allow_pickle, shard_size=shard_size, log=log,
-                overwrite=overwrite, hash_inputs=hash_inputs, fsync=fsync, on_tensor=on_tensor, seed=None,
+                overwrite=overwrite, hash_inputs=hash_inputs, hash_cache=hash_cache, fsync=fsync, on_tensor=on_tensor, seed=None,
                 chunk_bytes=chunk_bytes)
 
 
@@ -203,7 +204,7 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
           vocab_policy: str = "error", dtype: Optional[torch.dtype] = None,
           compute_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
           shard_size: Union[str, int] = "5GB", seed: int = 0, log: Optional[Callable[[str], None]] = None,
-          overwrite: bool = False, hash_inputs: bool = True, fsync: bool = True,
+          overwrite: bool = False, hash_inputs: bool = True, hash_cache: bool = True, fsync: bool = True,
           chunk_bytes: Union[str, int] = "16MiB",
           on_tensor: Optional[Callable[[str, int, int], None]] = None) -> Path:
     """Merge `models` [(path, weight), ...] with `method`, streamed tensor by tensor into out_dir.
@@ -263,7 +264,8 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
         return paramdelta(post, base, params["new_base"], out_dir, scale=scale, include=include, exclude=exclude,
                           vocab_policy=vocab_policy, dtype=dtype, compute_dtype=compute_dtype,
                           allow_pickle=allow_pickle, shard_size=shard_size, log=log, overwrite=overwrite,
-                          hash_inputs=hash_inputs, fsync=fsync, chunk_bytes=chunk_bytes, on_tensor=on_tensor)
+                          hash_inputs=hash_inputs, hash_cache=hash_cache, fsync=fsync, chunk_bytes=chunk_bytes,
+                          on_tensor=on_tensor)
 
     p = {**METHOD_PARAMS[method], **params}
     n = len(pairs)
@@ -314,7 +316,7 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
     job.compute = compute
     return _run(job, include=include, exclude=exclude, vocab_policy=vocab_policy, dtype=dtype,
                 compute_dtype=compute_dtype, allow_pickle=allow_pickle, shard_size=shard_size, log=log,
-                overwrite=overwrite, hash_inputs=hash_inputs, fsync=fsync, on_tensor=on_tensor,
+                overwrite=overwrite, hash_inputs=hash_inputs, hash_cache=hash_cache, fsync=fsync, on_tensor=on_tensor,
                 seed=seed if method.startswith("dare") else None, chunk_bytes=chunk_bytes)
 
 
@@ -430,7 +432,7 @@ def _vocab_key(cfg: dict) -> Tuple[dict, str]:
 
 
 def _run(job: _Job, *, include, exclude, vocab_policy, dtype, compute_dtype, allow_pickle, shard_size, log,
-         overwrite, hash_inputs, fsync, on_tensor, seed, chunk_bytes) -> Path:
+         overwrite, hash_inputs, hash_cache, fsync, on_tensor, seed, chunk_bytes) -> Path:
     t_start = time.perf_counter()
     log = log or (lambda msg: None)
     problems = list(job.problems)
@@ -459,10 +461,10 @@ def _run(job: _Job, *, include, exclude, vocab_policy, dtype, compute_dtype, all
     out_dir = Path(job.out_dir).expanduser().absolute()
     if out_dir.parent.is_dir():
         _restore_interrupted(out_dir, log)
-    pool = HashPool(HASH_QUEUE_BYTES) if hash_inputs else None
+    hashes = FileHashes(cache=cache_dir() / "merge_sha256.json", reuse=hash_cache)
     cks: Dict[str, Checkpoint] = {}
     for role, path, _ in job.inputs:
-        cks[role] = open_checkpoint(path, role, allow_pickle=allow_pickle, hash_pool=pool)
+        cks[role] = open_checkpoint(path, role, allow_pickle=allow_pickle)
     job.cks = cks
     try:
         extra_cfg = {}
@@ -495,16 +497,20 @@ def _run(job: _Job, *, include, exclude, vocab_policy, dtype, compute_dtype, all
         log(f"{job.method}: {len(plan)} tensors ({report['tensors']['merged']} merged, "
             f"{report['tensors']['copied']} copied), validated in {t_validated - t_start:.1f} s; writing {out_dir}")
         chunk_elems = _chunk_elems(chunk, job, cks)
+        if hash_inputs:  # in the order the merge reads them: file k of every input, then file k + 1
+            for k in range(max(len(ck.files) for ck in cks.values())):
+                for ck in cks.values():
+                    if k < len(ck.files):
+                        hashes.submit(ck.files[k])
         return _write(job, cks, plan, report, out_dir, shard_bytes=shard_bytes, chunk_elems=chunk_elems,
-                      pool=pool, log=log,
+                      hashes=hashes, hash_inputs=hash_inputs, log=log,
                       overwrite=overwrite, fsync=fsync, on_tensor=on_tensor, seed=seed, t_start=t_start,
                       t_validated=t_validated, vocab_policy=vocab_policy, include=include, exclude=exclude,
                       compute_dtype=job.compute_dtype, out_dtype=out_dtype)
     finally:
         for ck in cks.values():
             ck.close()
-        if pool is not None:
-            pool.close()
+        hashes.close()
 
 
 def _chunk_elems(chunk_bytes: int, job: _Job, cks: Dict[str, Checkpoint]) -> int:
@@ -699,7 +705,8 @@ def _names(names, limit: int = 20) -> str:
 
 
 def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Dict[str, Any], out_dir: Path, *,
-           shard_bytes: int, chunk_elems: int, pool: Optional[HashPool], log, overwrite: bool, fsync: bool,
+           shard_bytes: int, chunk_elems: int, hashes: FileHashes, hash_inputs: bool, log, overwrite: bool,
+           fsync: bool,
            on_tensor, seed,
            t_start: float, t_validated: float, vocab_policy: str, include, exclude, compute_dtype: torch.dtype,
            out_dtype: Optional[torch.dtype]) -> Path:
@@ -748,14 +755,14 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
         # Tensors.
         ws = _Workspace()
         mem = _ProcMemory()
-        writer = ShardedWriter(tmp, [(e.name, e.dtype, e.shape) for e in plan], shard_bytes, hash_pool=pool,
-                               fsync=fsync)
+        writer = ShardedWriter(tmp, [(e.name, e.dtype, e.shape) for e in plan], shard_bytes,
+                               on_close=lambda path: hashes.submit(path, fsync=fsync, reuse=False))
         total = len(plan)
         written, next_log = 0, 0.1
         t_loop = time.perf_counter()
         policy_ck = cks[job.policy_roles[vocab_policy]] if vocab_policy in job.policy_roles else None
         for i, e in enumerate(plan):
-            for piece in _pieces(job, e, donor, policy_ck, ws, chunk_elems, copy_inputs=pool is not None):
+            for piece in _pieces(job, e, donor, policy_ck, ws, chunk_elems):
                 if piece.dtype != e.dtype:
                     out = ws.buf("out", e.dtype, piece.numel()).view(piece.shape)
                     out.copy_(piece)
@@ -765,8 +772,6 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
                 writer.write(e.name, out)
                 written += out.numel() * out.element_size()
                 del out
-                if pool is not None:  # the buffers just read and written are hashed before they are reused
-                    pool.wait()
             if on_tensor is not None:
                 on_tensor(e.name, i, total)
             if written >= next_log * writer.total_size or i == total - 1:
@@ -776,7 +781,10 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
                 next_log = math.floor(written / writer.total_size * 10 + 1) / 10
         layout = writer.close()
         t_tensors = time.perf_counter()
-        input_hashes = {r: ck.file_hashes() for r, ck in cks.items()} if pool is not None else {}
+        for f in layout["files"]:
+            f["sha256"] = hashes.result(tmp / f["name"])
+        input_hashes = {r: {f.name: (hashes.result(f), hashes.sources[f]) for f in ck.files} for r, ck in cks.items()
+                        } if hash_inputs else {}
         t_hashed = time.perf_counter()
 
         manifest = _manifest(job, cks, plan, report, layout, changed, tok_src, tok_files, cfg_src,
@@ -793,6 +801,9 @@ def _write(job: _Job, cks: Dict[str, Checkpoint], plan: List[_Entry], report: Di
         _publish(tmp, out_dir, overwrite)
         if fsync:
             _fsync_path(out_dir.parent)
+        hashes.remember([(f, hashes.result(f)) for ck in cks.values() for f in ck.files
+                         if hash_inputs and hashes.sources[f] == "computed"]
+                        + [(out_dir / f["name"], f["sha256"]) for f in layout["files"]])
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -867,16 +878,15 @@ class _Workspace:
 
 
 def _pieces(job: _Job, e: _Entry, donor: Checkpoint, policy_ck: Optional[Checkpoint], ws: _Workspace,
-            chunk_elems: int, copy_inputs: bool):
+            chunk_elems: int):
     """The output tensor `e` as consecutive row ranges, each computed (or copied) from the inputs' same rows.
 
     Rows [0, S) are merged (S: every input's rows; all rows without a vocabulary mismatch), rows [S, T) are
     copied from the vocabulary policy's model; a copied tensor comes from the donor (its first rows, as many
     as it has, the rest from the policy's model). Every method works on chunks of at most `chunk_elems`
     elements per input (at least one row), in reused buffers, so that a 1 GB embedding costs no more than a
-    chunk; TIES and DARE first make their statistics passes over the chunks (methods.SparseMerge).
-    copy_inputs: give the methods a copy of each chunk read, never the read buffer itself (which the
-    background hash may still be reading). A piece is valid until the next."""
+    chunk; TIES and DARE first make their statistics passes over the chunks (methods.SparseMerge). A piece is
+    valid until the next."""
     if not e.shape or e.shape[0] == 0:  # a scalar, or nothing
         if e.action == "copy" or not e.shape:
             segments = [("merge" if e.action == "merge" else donor, 0, 1)]
@@ -903,7 +913,7 @@ def _pieces(job: _Job, e: _Entry, donor: Checkpoint, policy_ck: Optional[Checkpo
             numel = math.prod(shape)
             raw = ck.read(e.name, rows=None if whole else (r0, r1),
                           out=ws.buf(("raw", ck.role), torch.uint8, numel * ck.info(e.name).dtype.itemsize))
-            if key is None or (raw.dtype == job.compute_dtype and not copy_inputs):
+            if key is None or raw.dtype == job.compute_dtype:  # (hashes read the files themselves)
                 return raw.view(shape)
             work = ws.buf(key, job.compute_dtype, numel).view(shape)
             return work.copy_(raw)
@@ -1031,7 +1041,8 @@ def _manifest(job: _Job, cks, plan, report, layout, changed, tok_src, tok_files,
         ck = cks[role]
         hashes = input_hashes.get(role, {})
         entry = {"role": role, "path": str(ck.path), "format": ck.kind,
-                 "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": hashes.get(f.name)} for f in ck.files],
+                 "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": hashes.get(f.name, (None,))[0],
+                            "sha256_from": hashes.get(f.name, (None, None))[1]} for f in ck.files],
                  "tensors": len(ck.tensors), "config_sha256": file_sha(ck.path / "config.json")}
         if weight is not None:
             entry["weight"] = weight

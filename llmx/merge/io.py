@@ -14,10 +14,18 @@ A tensor is read with one positioned read (os.preadv) of exactly its bytes into 
 are not memory-mapped (as safetensors.safe_open does): the pages of a mapped file that a merge has touched
 stay in the process's resident set until the mapping is closed, so a streaming merge through mappings
 shows a resident size that grows with the model; plain reads leave those pages in the kernel's page cache,
-outside the process. Each file's SHA-256 is computed from the bytes as they are read when the reads come
-in file order (the common case: inputs are read in the order their tensors lie on disk); bytes that are
-skipped are read once for the hash only, so every file is hashed in a single pass in all cases. Hashing
-runs on a background thread (hashlib releases the GIL), overlapping the merge arithmetic.
+outside the process.
+
+Hashing (`FileHashes`). Each file's SHA-256 is computed on background threads (one per core, up to 4:
+hashlib and file reads release the GIL), each thread reading the file itself in order, so that hashing
+runs beside the merge's arithmetic and never sees a buffer the arithmetic changes. Inputs are queued in the
+order the merge reads them, so both read the same pages of the page cache at about the same time; output
+shards are fsynced and hashed as soon as each is complete. A hash is not computed when it is already known:
+  - a file in a Hugging Face hub cache is a link to `blobs/<sha256 of the file>` (LFS files): that name;
+  - the hash cache ($LLMX_CACHE/merge_sha256.json) holds each file hashed before, keyed by its real path,
+    size, modification time (ns), inode and device; a file changed since has another size or time. Pass
+    hash_cache=False to recompute (a file rewritten with its old size and time restored would fool it).
+The manifest records where each hash came from ("computed", "cache", "hf_blob").
 
 Pickle weights (`pytorch_model.bin`) are refused unless allow_pickle=True; then each file is loaded with
 torch.load(weights_only=True, mmap=True), which unpickles only tensors and plain containers, never
@@ -34,17 +42,17 @@ bytes of tensor data}, "weight_map": {name: file}}).
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import math
 import os
 import re
 import struct
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,52 +119,97 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-class HashPool:
-    """One background thread that feeds bytes to hashers in submission order.
+_SHA_NAME = re.compile(r"^[0-9a-f]{64}$")
 
-    submit() keeps the buffer alive until it is hashed; wait() blocks until everything submitted is
-    hashed. At most `max_pending` bytes wait in the queue (older work is awaited first)."""
 
-    def __init__(self, max_pending: int = 512 * 2**20):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmx-merge-hash")
-        self._pending: Deque[Tuple[Future, int]] = collections.deque()
-        self._bytes = 0
-        self.max_pending = max_pending
-        self.hashed_bytes = 0
+def _file_key(path: Path) -> Tuple[str, Dict[str, int]]:
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
 
-    def submit(self, hasher, data) -> None:
-        n = memoryview(data).nbytes
-        while self._pending and self._bytes + n > self.max_pending:
-            self._pop()
-        self._pending.append((self._pool.submit(hasher.update, data), n))
-        self._bytes += n
-        self.hashed_bytes += n
 
-    def _pop(self) -> None:
-        fut, n = self._pending.popleft()
-        fut.result()
-        self._bytes -= n
+class FileHashes:
+    """SHA-256 of whole files on `threads` background threads, reusing hashes already known (see the module
+    docstring). submit(path) queues a file (optionally fsyncing it first); result(path) waits for its hash."""
 
-    def wait(self) -> None:
-        while self._pending:
-            self._pop()
+    def __init__(self, threads: Optional[int] = None, cache: Optional[Path] = None, reuse: bool = True):
+        self.reuse = reuse  # False: compute every hash (neither hub blob names nor the cache are read)
+        threads = threads or max(1, min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmx-merge-hash")
+        self._futures: Dict[Path, Future] = {}
+        self.sources: Dict[Path, str] = {}
+        self.cache_path = cache
+        self._cache: Dict[str, dict] = {}
+        if reuse and cache is not None and cache.is_file():
+            try:
+                self._cache = json.loads(cache.read_text())
+            except (OSError, ValueError):  # a damaged cache is only a cache
+                self._cache = {}
+        self._local = threading.local()
+
+    def _known(self, path: Path) -> Optional[Tuple[str, str]]:
+        target = path.resolve()
+        if path.is_symlink() and target.parent.name == "blobs" and _SHA_NAME.match(target.name):
+            return target.name, "hf_blob"
+        key, stat = _file_key(path)
+        entry = self._cache.get(key)
+        if entry and all(entry.get(k) == v for k, v in stat.items()) and _SHA_NAME.match(str(entry.get("sha256"))):
+            return entry["sha256"], "cache"
+        return None
+
+    def submit(self, path: Path, *, fsync: bool = False, reuse: bool = True) -> None:
+        known = self._known(path) if self.reuse and reuse and not fsync else None
+        if known is not None:
+            fut: Future = Future()
+            fut.set_result(known[0])
+            self._futures[path], self.sources[path] = fut, known[1]
+        else:
+            self._futures[path] = self._pool.submit(self._hash, path, fsync)
+            self.sources[path] = "computed"
+
+    def _hash(self, path: Path, fsync: bool) -> str:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(2**20)  # reused: fresh memory per block would fault pages
+        h, mv = hashlib.sha256(), memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            if fsync:
+                os.fsync(f.fileno())
+            while n := f.readinto(buf):
+                h.update(mv[:n])
+        return h.hexdigest()
+
+    def result(self, path: Path) -> str:
+        return self._futures[path].result()
+
+    def remember(self, items: Iterable[Tuple[Path, str]]) -> None:
+        """Add (file, sha256) pairs to the hash cache file (merged with what other processes wrote)."""
+        if self.cache_path is None:
+            return
+        try:
+            current = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+        except (OSError, ValueError):
+            current = {}
+        current = {k: v for k, v in current.items() if os.path.exists(k)}  # files since deleted
+        for path, digest in items:
+            key, stat = _file_key(path)
+            current[key] = {**stat, "sha256": digest}
+        tmp = self.cache_path.with_name(f".{self.cache_path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(current))
+            os.replace(tmp, self.cache_path)
+        except OSError:  # a read-only cache directory costs only the reuse
+            tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _FileState:
-    """An open safetensors file: descriptor, size, and its running SHA-256 (bytes [0, cursor) hashed)."""
+    """An open safetensors file: its descriptor, opened on first read."""
 
     def __init__(self, path: Path):
         self.path = path
         self.fd: Optional[int] = None
-        self.size = path.stat().st_size
-        self.hasher = hashlib.sha256()
-        self.cursor = 0
 
     def open(self) -> int:
         if self.fd is None:
@@ -243,7 +296,6 @@ class Checkpoint:
     problems: List[str] = field(default_factory=list)
     aliases: Dict[str, str] = field(default_factory=dict)  # virtual name -> stored name (tied lm_head)
     weight_map: Optional[Dict[str, str]] = None  # the index's, when there is one
-    hash_pool: Optional[HashPool] = None
     _states: Dict[Path, _FileState] = field(default_factory=dict)
     _pickled: Dict[Path, dict] = field(default_factory=dict)
 
@@ -269,11 +321,8 @@ class Checkpoint:
             view = buf.view(info.dtype).reshape(shape)
             view.copy_(t)
             return view
-        st = self._state(info.file)
-        mv = memoryview(buf.numpy()) if end > start else memoryview(b"")
         if end > start:
-            _pread_into(st.open(), mv, start, info.file)
-        self._hash_through(st, start, end, mv)
+            _pread_into(self._state(info.file).open(), memoryview(buf.numpy()), start, info.file)
         return buf.view(info.dtype).reshape(shape)
 
     def _state(self, path: Path) -> _FileState:
@@ -281,37 +330,6 @@ class Checkpoint:
         if st is None:
             st = self._states[path] = _FileState(path)
         return st
-
-    def _hash_through(self, st: _FileState, start: int, end: int, data: memoryview) -> None:
-        """Advance the file's running hash to `end`, using `data` (bytes [start, end)) where it can."""
-        if self.hash_pool is None or end <= st.cursor:
-            return
-        if start > st.cursor:  # bytes skipped so far (a header, or tensors not read): read them for the hash
-            self._hash_gap(st, start)
-        self.hash_pool.submit(st.hasher, data[st.cursor - start:])
-        st.cursor = end
-
-    def _hash_gap(self, st: _FileState, upto: int, chunk: int = 16 * 2**20) -> None:
-        fd = st.open()
-        while st.cursor < upto:
-            n = min(chunk, upto - st.cursor)
-            buf = bytearray(n)
-            _pread_into(fd, memoryview(buf), st.cursor, st.path)
-            self.hash_pool.submit(st.hasher, buf)
-            st.cursor += n
-
-    def file_hashes(self) -> Dict[str, str]:
-        """SHA-256 of every weight file (finishing each file's hash: the bytes not yet seen are read)."""
-        out = {}
-        for path in self.files:
-            if self.kind == "pickle" or self.hash_pool is None:
-                out[path.name] = sha256_file(path)
-                continue
-            st = self._state(path)
-            self._hash_gap(st, st.size)
-            self.hash_pool.wait()
-            out[path.name] = st.hasher.hexdigest()
-        return out
 
     def close(self) -> None:
         for st in self._states.values():
@@ -325,27 +343,18 @@ class Checkpoint:
         self.close()
 
 
-def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _list(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
 
-def open_checkpoint(path, role: str, *, allow_pickle: bool = False,
-                    hash_pool: Optional[HashPool] = None) -> Checkpoint:
+def open_checkpoint(path, role: str, *, allow_pickle: bool = False) -> Checkpoint:
     """Find and check the weights of the model directory `path` (see the module docstring).
 
     Never raises for bad input: the returned Checkpoint's `problems` says what is wrong."""
     p = Path(path).expanduser()
-    ck = Checkpoint(path=p.resolve() if p.exists() else p, role=role, hash_pool=hash_pool)
+    ck = Checkpoint(path=p.resolve() if p.exists() else p, role=role)
     label = f"{role} ({p})"
     valid = (f"a Hugging Face model directory with {SAFE_SINGLE}, or {SAFE_INDEX} and its shards "
              f"(or {PICKLE_SINGLE} / {PICKLE_INDEX} with allow_pickle=True)")
@@ -468,8 +477,8 @@ class ShardedWriter:
     """Write safetensors shards for a fixed plan [(name, dtype, shape), ...], tensor by tensor, in order."""
 
     def __init__(self, out_dir: Path, plan: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], shard_size: int,
-                 *, hash_pool: Optional[HashPool] = None, fsync: bool = True):
-        self.out_dir, self.hash_pool, self.fsync = Path(out_dir), hash_pool, fsync
+                 *, on_close: Optional[Callable[[Path], None]] = None):
+        self.out_dir, self.on_close = Path(out_dir), on_close
         shards: List[List[Tuple[str, str, Tuple[int, ...], int]]] = [[]]
         used = 0
         for name, dtype, shape in plan:
@@ -496,37 +505,26 @@ class ShardedWriter:
         self.total_size = sum(s.data_bytes for s in self.shards)
         self._k, self._i, self._rows = 0, 0, 0  # current shard, next entry in it, its rows written
         self._f = None
-        self._hasher = None
-        self.hashes: Dict[str, str] = {}
         self.sizes: Dict[str, int] = {}
 
     def _open_next(self) -> None:
         shard = self.shards[self._k]
         self._f = open(self.out_dir / shard.name, "wb", buffering=0)
-        self._hasher = hashlib.sha256()
-        head = struct.pack("<Q", len(shard.header)) + shard.header
-        self._write(head)
+        self._write(struct.pack("<Q", len(shard.header)) + shard.header)
 
     def _write(self, data) -> None:
         mv = memoryview(data).cast("B")
         done = 0
         while done < mv.nbytes:
             done += self._f.write(mv[done:])
-        if self.hash_pool is not None:
-            self.hash_pool.submit(self._hasher, data)
-        else:
-            self._hasher.update(data)
 
     def _close_current(self) -> None:
         shard = self.shards[self._k]
-        if self.fsync:
-            os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
-        if self.hash_pool is not None:
-            self.hash_pool.wait()
-        self.hashes[shard.name] = self._hasher.hexdigest()
         self.sizes[shard.name] = 8 + len(shard.header) + shard.data_bytes
+        if self.on_close is not None:  # e.g. fsync and hash it on another thread
+            self.on_close(self.out_dir / shard.name)
         self._k += 1
         self._i = 0
 
@@ -562,7 +560,7 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {name: s.name for s in self.shards for name, *_ in s.entries}}
             (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return {"files": [{"name": f, "bytes": self.sizes[f], "sha256": self.hashes[f]} for f in files],
+        return {"files": [{"name": f, "bytes": self.sizes[f]} for f in files],
                 "total_size": self.total_size, "index": SAFE_INDEX if len(files) > 1 else None}
 
     def abort(self) -> None:
