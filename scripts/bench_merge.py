@@ -12,27 +12,36 @@ safetensors library in 1 GB shards (Hugging Face names and index) into the cache
 $LLMX_CACHE/bench_merge) and reused by later runs.
 
 Each merge runs in a fresh subprocess of its own (this script with --_worker), which times the merge call
-only and reports its peak resident set: VmHWM of its own address space (/proc/self/status; not
-ru_maxrss, which Linux carries across fork and exec). The floor row is the same process importing torch
-and the merge library and merging nothing. Before the timed runs every input file is read once, so that
-both tools find the inputs in the page cache.
-  llmx:      llmx.merge.paramdelta(post, base, new_base): fp32 arithmetic, bf16 output, SHA-256 of every
-             input and output file in the manifest, shards fsync'ed before the output is renamed into place.
-  llmx_lean: the same with hash_inputs=False, fsync=False: the work mergekit does (no hashes, no fsync).
+only and reports its peak resident set, VmHWM of its own address space (/proc/self/status; not ru_maxrss,
+which Linux carries across fork and exec), and the peak of its anonymous resident memory (RssAnon, sampled
+every 5 ms: resident memory that is not file pages, so that mergekit's memory-mapped input pages, which the
+kernel can drop at any time, are not counted as its working memory). The floor rows are the same process
+importing torch and the merge library and merging nothing. Before the timed runs every input file is read
+once, so that both tools find the inputs in the page cache.
+  llmx_cold: llmx.merge.paramdelta(post, base, new_base): fp32 arithmetic, bf16 output, SHA-256 of every
+             input and output file computed (hash_cache=False), every file and directory fsync'ed before the
+             output is renamed into place.
+  llmx:      the same with its defaults: the inputs' hashes come from llmx's hash cache (by path, size,
+             mtime, inode), filled by the llmx_cold run before it, as after any first merge of those files;
+             the output is still hashed and fsync'ed.
+  llmx_lean: hash_inputs=False, fsync=False: the work mergekit does (no hashes, no fsync).
   mergekit:  task_arithmetic "Form B" (mergekit's documented ParamΔ recipe): base_model new_base, models post
              (weight 1) and base (weight -1), normalize false, dtype float32, out_dtype bfloat16, through
-             mergekit.merge.run_merge in process (copy_tokenizer=False; the same out_shard_size in bytes).
+             mergekit.merge.run_merge in process (copy_tokenizer=False), with its default out_shard_size
+             (5B) and with --out-shard-size 500M (mergekit_500M), its fastest configuration here.
              mergekit needs transformers>=5 and a few packages of its own; install it beside llmx without
              touching .venv:
                python3.11 -m venv /work/mergekit-venv
                echo "$PWD/.venv/lib/python3.11/site-packages" \\
                    > /work/mergekit-venv/lib/python3.11/site-packages/llmx.pth
                /work/mergekit-venv/bin/pip install mergekit==0.1.5
+             (it is also in llmx's dev extra, so .venv/bin/python works as --mergekit-python).
 Throughput is GB (10^9 bytes) of output tensor data per second of the merge call; the input read rate
 is three times that. The comparison (--no-compare skips it) reads both outputs and the inputs in row
 chunks: elements that differ, the largest difference in bf16 ulps, and each tool's largest error against
 the formula evaluated in float64. Goal (issue 5): the same tensors within one bf16 ulp, llmx faster and
-with a lower peak memory. Prints a table and writes bench_merge.json (--out).
+with a lower peak memory; issue 20: llmx with hashes and fsync at least 2x the throughput of mergekit's
+fastest configuration. Prints a table and writes bench_merge.json (--out).
 """
 
 from __future__ import annotations
@@ -59,12 +68,36 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def vm_hwm_mb() -> float:
+def proc_status_mb(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def vm_hwm_mb() -> float:
+    return proc_status_mb("VmHWM")
+
+
+class AnonPeak:
+    """The peak of RssAnon, sampled every 5 ms on a thread (the kernel keeps no peak of it)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = proc_status_mb("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, proc_status_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, proc_status_mb("RssAnon"))
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -184,32 +217,35 @@ def worker(args) -> None:
         from mergekit.options import MergeOptions
     result = {"tool": args._worker, "threads": torch.get_num_threads()}
     if args._worker.startswith("floor"):
-        result.update(seconds=0.0, vm_hwm_mb=vm_hwm_mb())
+        result.update(seconds=0.0, vm_hwm_mb=vm_hwm_mb(), rss_anon_peak_mb=proc_status_mb("RssAnon"))
         print(json.dumps(result), flush=True)
         return
+    anon = AnonPeak()
     t = time.perf_counter()
     if args._worker.startswith("llmx"):
-        lean = args._worker == "llmx_lean"  # what mergekit does: no hashes, no fsync
+        kw = {"llmx": {}, "llmx_cold": {"hash_cache": False}, "llmx_lean": {"hash_inputs": False, "fsync": False}}
         paramdelta(args.post, args.base, args.new_base, args.out_dir, shard_size=args.shard_bytes,
-                   dtype=torch.bfloat16, hash_inputs=not lean, fsync=not lean)
+                   dtype=torch.bfloat16, **({"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}),
+                   **kw[args._worker])
     else:
         cfg = MergeConfiguration.model_validate({
             "merge_method": "task_arithmetic", "base_model": args.new_base,
             "models": [{"model": args.post, "parameters": {"weight": 1.0}},
                        {"model": args.base, "parameters": {"weight": -1.0}}],
             "parameters": {"normalize": False}, "dtype": "float32", "out_dtype": "bfloat16"})
+        shard = 500 * 10**6 if args._worker == "mergekit_500M" else args.shard_bytes
         run_merge(cfg, out_path=args.out_dir, options=MergeOptions(copy_tokenizer=False, write_model_card=False,
-                                                                   out_shard_size=args.shard_bytes, quiet=True))
-    result.update(seconds=time.perf_counter() - t, vm_hwm_mb=vm_hwm_mb())
+                                                                   out_shard_size=shard, quiet=True))
+    result.update(seconds=time.perf_counter() - t, vm_hwm_mb=vm_hwm_mb(), rss_anon_peak_mb=anon.stop())
     print(json.dumps(result), flush=True)
 
 
-def run_worker(python: str, tool: str, dirs: dict, out_dir: Path, shard_bytes: int) -> dict:
+def run_worker(python: str, tool: str, dirs: dict, out_dir: Path, shard_bytes: int, chunk_bytes=None) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     cmd = [python, str(Path(__file__).resolve()), "--_worker", tool, "--post", str(dirs["post"]),
            "--base", str(dirs["base"]), "--new-base", str(dirs["new_base"]), "--out-dir", str(out_dir),
-           "--shard-bytes", str(shard_bytes)]
+           "--shard-bytes", str(shard_bytes)] + (["--chunk-bytes", str(chunk_bytes)] if chunk_bytes else [])
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t
@@ -298,6 +334,7 @@ def main():
     for flag in ("--_worker", "--post", "--base", "--new-base", "--out-dir"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
     ap.add_argument("--shard-bytes", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--chunk-bytes", default=None, help="llmx's chunk_bytes (default: the library's)")
     args = ap.parse_args()
     if args._worker:
         return worker(args)
@@ -311,27 +348,29 @@ def main():
     model_bytes = json.loads((dirs["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     warm(dirs)
     work = dirs["base"].parent
-    tools = [("llmx", sys.executable), ("llmx_lean", sys.executable)]
+    tools = [("llmx_cold", sys.executable), ("llmx", sys.executable), ("llmx_lean", sys.executable)]
     if args.mergekit_python:
-        tools.insert(0, ("mergekit", args.mergekit_python))
+        tools = [("mergekit", args.mergekit_python), ("mergekit_500M", args.mergekit_python)] + tools
     runs = {t: [] for t, _ in tools}
     floors = {t: run_worker(py, f"floor_{t}", dirs, work / "out_floor", shard_bytes) for t, py in tools
-              if t != "llmx_lean"}
-    floors["llmx_lean"] = floors["llmx"]
+              if t in ("llmx", "mergekit")}
+    for t, _ in tools:
+        floors.setdefault(t, floors["llmx" if t.startswith("llmx") else "mergekit"])
     for r in range(args.repeats):
         for tool, py in tools:
-            res = run_worker(py, tool, dirs, work / f"out_{tool}", shard_bytes)
+            res = run_worker(py, tool, dirs, work / f"out_{tool}", shard_bytes, args.chunk_bytes)
             runs[tool].append(res)
             log(f"repeat {r}: {tool}: {res['seconds']:.1f} s, {res['gb_per_s']:.3f} GB/s, "
-                f"peak RSS {res['vm_hwm_mb']:.0f} MB")
+                f"peak RSS {res['vm_hwm_mb']:.0f} MB, peak RssAnon {res['rss_anon_peak_mb']:.0f} MB")
     cmp = None
     if not args.no_compare:
-        outs = {t: work / f"out_{t}" for t, _ in tools if t != "llmx_lean"}
+        outs = {t: work / f"out_{t}" for t, _ in tools if t in ("llmx", "mergekit")}
         cmp = compare(dirs, outs)
 
-    med = {t: {k: statistics.median(x[k] for x in rs) for k in ("seconds", "gb_per_s", "vm_hwm_mb", "output_bytes")}
+    med = {t: {k: statistics.median(x[k] for x in rs)
+               for k in ("seconds", "gb_per_s", "vm_hwm_mb", "rss_anon_peak_mb", "output_bytes")}
            for t, rs in runs.items()}
-    base_tool = "mergekit" if "mergekit" in med else "llmx"
+    base_tool = "mergekit_500M" if "mergekit_500M" in med else "llmx"
     import torch
 
     result = {
@@ -358,17 +397,20 @@ def main():
     print(f"\nParamΔ merge of 3 x {model_bytes / 1e9:.2f} GB bf16 (Llama: hidden {sh['hidden_size']}, vocab "
           f"{sh['vocab_size']}, {layout(args.size_gb)[0]} layers), output shards {shard_bytes / 1e9:g} GB, "
           f"median of {args.repeats}")
-    print(f"{'tool':10} {'merge s':>8} {'GB/s out':>9} {'speed':>7} {'peak RSS MB':>12} {'vs base':>8} {'floor MB':>9}")
+    print(f"{'tool':14} {'merge s':>8} {'GB/s out':>9} {'speed':>7} {'peak RSS MB':>12} {'RssAnon MB':>11} "
+          f"{'floor MB':>9}")
     for t in med:
         m = med[t]
-        print(f"{t:10} {m['seconds']:8.2f} {m['gb_per_s']:9.3f} {m['speed_vs_baseline']:6.2f}x "
-              f"{m['vm_hwm_mb']:12.0f} {m['peak_rss_vs_baseline']:7.2f}x {floors[t]['vm_hwm_mb']:9.0f}")
+        print(f"{t:14} {m['seconds']:8.2f} {m['gb_per_s']:9.3f} {m['speed_vs_baseline']:6.2f}x "
+              f"{m['vm_hwm_mb']:12.0f} {m['rss_anon_peak_mb']:11.0f} {floors[t]['vm_hwm_mb']:9.0f}")
+    print(f"speed: against {base_tool}")
     if cmp:
         print(f"compare: {cmp['elements']} elements in {cmp['tensors']} tensors; llmx vs mergekit differ in "
               f"{cmp['differing_elements']} (max {cmp['max_diff_ulps']:.2f} bf16 ulp); max error vs float64 "
               + ", ".join(f"{t} {v:.2f}" for t, v in cmp["max_err_half_ulps"].items()) + " half-ulps"
               + ("" if "mergekit" in med else " (mergekit not run)"))
-    print("llmx: SHA-256 of every input and output file, shards fsync'ed; llmx_lean: neither (as mergekit)")
+    print("llmx_cold: SHA-256 of every input and output file computed, fsync; llmx: input hashes from its cache, "
+          "output hashed, fsync; llmx_lean: neither (as mergekit)")
     if not args.keep_outputs:
         for t, _ in tools:
             shutil.rmtree(work / f"out_{t}", ignore_errors=True)
