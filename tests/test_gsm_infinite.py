@@ -132,6 +132,15 @@ def test_length_targeting_with_the_smollm2_tokenizer(smollm2_count, subset, leng
         bench.verify(rec)
 
 
+
+def test_symbolic_problem_longer_than_its_target_is_a_clear_bench_error(tmp_path, smollm2_count):
+    path, _ = smollm2_count
+    # 60 statements alone are ~800 SmolLM2 tokens: a 500-token target cannot be met.
+    with pytest.raises(BenchError, match=r"symbolic op=60.*500 tokens.*(?s:.*)at least .* tokens.*op <= "):
+        generate_dataset("gsm_infinite", build_plan(["symbolic"], ["500"], "60", 1), tmp_path / "x",
+                         tokenizer_path=path, progress=False)
+    assert not (tmp_path / "x").exists()
+
 # ---- graders ---------------------------------------------------------------------------------------------
 
 def test_realistic_grader_reference_behaviour():

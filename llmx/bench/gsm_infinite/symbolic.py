@@ -25,13 +25,15 @@ Choices where the reference differs or is silent (all documented, none changes t
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from llmx.bench.base import BenchError, fill_to_length
+from llmx.bench.base import BenchError, Unsatisfiable, fill_to_length
 
 POOL = 1_000_000  # variable names V000000..V999999
+TOL = 0.03  # base.fill_to_length's default tolerance on the length target
 
 INSTRUCTION = (
     "The context above lists relationships between variables. Each relationship is an equation, and all of "
@@ -105,7 +107,11 @@ def generate_symbolic(op: int, length: int, rng: random.Random, count_tokens, *,
     if length > 0:
         if count_tokens is None:
             raise BenchError("symbolic: a context length needs a tokenizer to measure it")
-        prompt, n_tokens, n_noise = fill_to_length(lambda s: render_prompt(s, value), core, noise, length, count_tokens, rng)
+        try:
+            prompt, n_tokens, n_noise = fill_to_length(lambda s: render_prompt(s, value), core, noise, length,
+                                                       count_tokens, rng, tol=TOL)
+        except Unsatisfiable:
+            raise _too_long(op, length, core, value, count_tokens) from None
     else:
         order = core[:]
         rng.shuffle(order)
@@ -125,6 +131,19 @@ def generate_symbolic(op: int, length: int, rng: random.Random, count_tokens, *,
         "n_tokens": n_tokens,
         "n_noise": n_noise,
     }
+
+
+def _too_long(op: int, length: int, core: List[str], value: int, count_tokens) -> BenchError:
+    """Every symbolic problem of this op is about as long (one statement per op): no retry helps, so say
+    which lengths and ops are possible with this tokenizer."""
+    empty = count_tokens(render_prompt([], value))
+    per = (count_tokens(render_prompt(core, value)) - empty) / op
+    ceiling = int(length * (1 + TOL))
+    return BenchError(
+        f"gsm_infinite: a symbolic op={op} problem has {empty + per * op:.0f} tokens before any distractor, more "
+        f"than its length target of {length} tokens (+{TOL:.0%}); valid: a length of at least "
+        f"{math.ceil((empty + per * op) / (1 + TOL))} tokens for op={op}, or op <= about {max(0, int((ceiling - empty) / per))} "
+        f"at this length (about {per:.1f} tokens per statement with this tokenizer)")
 
 
 def _solution(names, parents, edges, values, value, answer) -> str:
