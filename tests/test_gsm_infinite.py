@@ -192,7 +192,8 @@ def test_symbolic_grader_tricky_replies():
 def test_symbolic_grader_ignores_a_check_after_the_answer():
     # The reference's LLM extractor reads the stated answer; a verification after it must not change it.
     gold = ["V000123", "V004567"]
-    assert symbolic_correct("Answer: V000123, V004567\nCheck: V000123 = V000999 + 1 = 5 and V004567 = V000123 = 5.", gold)
+    check = "Check: V000123 = V000999 + 1 = 5 and V004567 = V000123 = 5."
+    assert symbolic_correct("Answer: V000123, V004567\n" + check, gold)
     assert symbolic_correct("ANSWER: V000123, V004567\nThus V000123 = V000999 + 1 = 5, as required.", gold)
     assert symbolic_correct("The answer is V000123 and V004567. Let me verify: V000123 = V000888 - 1 = 5.", gold)
     assert symbolic_correct("Final answer: the variables equal to 5 are:\n- V000123\n- V004567\n\n"

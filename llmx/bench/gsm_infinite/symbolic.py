@@ -138,12 +138,13 @@ def _too_long(op: int, length: int, core: List[str], value: int, count_tokens) -
     which lengths and ops are possible with this tokenizer."""
     empty = count_tokens(render_prompt([], value))
     per = (count_tokens(render_prompt(core, value)) - empty) / op
-    ceiling = int(length * (1 + TOL))
+    alone = empty + per * op
+    fits = max(0, int((length * (1 + TOL) - empty) / per))
     return BenchError(
-        f"gsm_infinite: a symbolic op={op} problem has {empty + per * op:.0f} tokens before any distractor, more "
-        f"than its length target of {length} tokens (+{TOL:.0%}); valid: a length of at least "
-        f"{math.ceil((empty + per * op) / (1 + TOL))} tokens for op={op}, or op <= about {max(0, int((ceiling - empty) / per))} "
-        f"at this length (about {per:.1f} tokens per statement with this tokenizer)")
+        f"gsm_infinite: a symbolic op={op} problem has {alone:.0f} tokens before any distractor, more than its "
+        f"length target of {length} tokens (+{TOL:.0%}); valid: a length of at least {math.ceil(alone / (1 + TOL))} "
+        f"tokens for op={op}, or op <= about {fits} at this length ({per:.1f} tokens per statement with this "
+        "tokenizer)")
 
 
 def _solution(names, parents, edges, values, value, answer) -> str:
