@@ -52,13 +52,13 @@ def test_reference_length_measure(word_tokenizer):
     ref.verify(rec)
     # Realistic: instruction + 6 x (problem + question + solution) + problem + question measures the target
     # minus 1000 tokens, so the prompt itself is several times shorter than "8k".
-    for subset in ("medium", "hard"):
-        rec = ref.generate(subset, 4, 8000, problem_rng(0, "gsm_infinite", subset, 8000, 4, 0), count)
+    for subset, op, length in [("medium", 4, 8000), ("hard", 4, 8000), ("medium", 2, 32000)]:
+        rec = ref.generate(subset, op, length, problem_rng(0, "gsm_infinite", subset, length, op, 0), count)
         instruction = rec["prompt"].split("\n\nProblem: ")[0]
         pq = words(rec["prompt"]) - words(instruction)
         measured = words(instruction) + 6 * (pq + words(rec["solution"])) + pq
-        assert abs(measured - 7000) <= 0.03 * 7000
-        assert rec["n_tokens"] == words(rec["prompt"]) < 2000 and rec["n_noise"] > 0
+        assert abs(measured - (length - 1000)) <= 0.03 * (length - 1000)
+        assert rec["n_tokens"] == words(rec["prompt"]) < length / 4 and rec["n_noise"] > 0
         rec.update(id="r", subset=subset, index=0)
         ref.verify(rec)
     # A target below the problem itself: no distractors, as the reference (its misslength is negative).

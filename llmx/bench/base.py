@@ -156,13 +156,15 @@ def fill_to_length(
     tol: float = 0.03,
     max_rounds: int = 12,
     allow_over: bool = False,
+    count_piece: Optional[CountTokens] = None,
 ) -> Tuple[str, int, int]:
     """Interleave `noise(k)` (a prefix-stable stream: noise(k) is noise(k+1)[:k]) with `core` until
     render(statements) measures `target` tokens within `tol`. Returns (prompt, n_tokens, k).
 
     The core statements keep random positions drawn once; each distractor's position is drawn when it
     first appears, so the search changes only how many distractors there are. A problem longer than the
-    target alone raises Unsatisfiable, or with `allow_over` is returned without distractors."""
+    target alone raises Unsatisfiable, or with `allow_over` is returned without distractors. `count_piece`
+    estimates what one statement adds to the measure (default: its own tokens) for the first step."""
     core_keys = [rng.random() for _ in core]
     noise_keys: List[float] = []
 
@@ -192,7 +194,8 @@ def fill_to_length(
             per = (n - n0) / k if k else None
             if per is None or per <= 0:
                 probe = noise(8)
-                per = max(1.0, sum(count_tokens(s + "\n") for s in probe) / len(probe))
+                piece = count_piece or (lambda s: count_tokens(s + "\n"))
+                per = max(1.0, sum(piece(s) for s in probe) / len(probe))
             step = max(1, int((target - n) / per))
             k = k + step if hi is None else (k + min(step, max(1, (hi - k) // 2)))
         else:

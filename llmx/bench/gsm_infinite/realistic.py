@@ -903,9 +903,10 @@ def generate_realistic(d: int, op: int, mode: str, template: str, length: int, r
                     return _render(message, stmts, question)
 
                 if length_measure == "reference":
+                    # A distractor lengthens the problem, which the measure counts 7 times.
                     prompt, _, n_noise = fill_to_length(render, statements, noise, length - REFERENCE_BUFFER,
                                                         _reference_measure(message, solution, count_tokens), rng,
-                                                        allow_over=True)
+                                                        allow_over=True, count_piece=lambda s: 7 * count_tokens(s))
                     n_tokens = count_tokens(prompt)
                 else:
                     prompt, n_tokens, n_noise = fill_to_length(render, statements, noise, length, count_tokens, rng)
