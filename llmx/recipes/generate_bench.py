@@ -129,7 +129,8 @@ def main(cfg) -> Dict[str, Any]:
     # 5. Scores, tables and plots.
     scores = score(rows, ks=list(ev.pass_k) or None, estimator=ev.pass_estimator)
     scores.update(backend=backend_name, fingerprint=backend.fingerprint(), bench_dir=str(data_dir),
-                  replies_cache=str(cache_path), replies_caches=caches, seconds=round(seconds, 1))
+                  replies_cache=str(cache_path), replies_caches=caches, temperatures=temperatures,
+                  seconds=round(seconds, 1))
     atomic_write_json(run_dir / "scores.json", scores)
     table = markdown_table(scores)
     atomic_write_text(run_dir / "results.md", f"# {cfg.name}: {backend_name}\n\n{table}")
