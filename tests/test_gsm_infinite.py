@@ -132,6 +132,15 @@ def test_length_targeting_with_the_smollm2_tokenizer(smollm2_count, subset, leng
         bench.verify(rec)
 
 
+
+def test_symbolic_problem_longer_than_its_target_is_a_clear_bench_error(tmp_path, smollm2_count):
+    path, _ = smollm2_count
+    # 60 statements alone are ~800 SmolLM2 tokens: a 500-token target cannot be met.
+    with pytest.raises(BenchError, match=r"symbolic op=60.*500 tokens.*(?s:.*)at least .* tokens.*op <= "):
+        generate_dataset("gsm_infinite", build_plan(["symbolic"], ["500"], "60", 1), tmp_path / "x",
+                         tokenizer_path=path, progress=False)
+    assert not (tmp_path / "x").exists()
+
 # ---- graders ---------------------------------------------------------------------------------------------
 
 def test_realistic_grader_reference_behaviour():
@@ -154,6 +163,20 @@ def test_realistic_grader_reference_behaviour():
     assert extract_realistic("so \x08oxed{7}") == 7
 
 
+def test_lenient_grader_never_overrules_a_number_the_reference_reads():
+    # The reference reads 7 here ("is " from the end); the lenient parse of the "Answer:" span alone reads 3.
+    reply = "Adding them, the total is 7.\nAnswer: 3 + 4 = 7."
+    assert extract_realistic(reply) == 7
+    assert extract_realistic(reply, "lenient") == 7
+    replies = [reply, "Answer: 12 animals.\nSo the total is 12.", "The answer is 5 + 6 = 11.\nAnswer: 11.",
+               "**Answer:** x = 4 + 5 = 9\nThe final answer is 9.", "Solution: 2 * 3 = 6. Answer: 6."]
+    for r in replies:
+        if extract_realistic(r) is not None:
+            assert extract_realistic(r, "lenient") == extract_realistic(r), r
+    # Where the reference reads nothing, the lenient span parse takes the result of an equation, not its first term.
+    assert extract_realistic("Answer: 3 + 4 = 7", "lenient") == 7
+    assert extract_realistic("Answer: 3 + 4 = 7") is None
+
 def test_symbolic_grader_tricky_replies():
     gold = ["V000123", "V004567"]
     assert symbolic_correct("V000123 = 5, V004567 = 5, V000999 = 6.\nAnswer: V000123, V004567", gold)
@@ -165,6 +188,17 @@ def test_symbolic_grader_tricky_replies():
     assert extract_symbolic("<think>V1 V2</think>In conclusion, V000123 is the only one.") == {"V000123"}
     assert extract_symbolic("I cannot find any.") == set()
 
+
+def test_symbolic_grader_ignores_a_check_after_the_answer():
+    # The reference's LLM extractor reads the stated answer; a verification after it must not change it.
+    gold = ["V000123", "V004567"]
+    check = "Check: V000123 = V000999 + 1 = 5 and V004567 = V000123 = 5."
+    assert symbolic_correct("Answer: V000123, V004567\n" + check, gold)
+    assert symbolic_correct("ANSWER: V000123, V004567\nThus V000123 = V000999 + 1 = 5, as required.", gold)
+    assert symbolic_correct("The answer is V000123 and V004567. Let me verify: V000123 = V000888 - 1 = 5.", gold)
+    assert symbolic_correct("Final answer: the variables equal to 5 are:\n- V000123\n- V004567\n\n"
+                            "Verification: V004567 = V000123 = 5, therefore both hold.", gold)
+    assert not symbolic_correct("Answer: V000123\nCheck: V004567 = V000123 = 5.", gold)  # the check adds nothing
 
 # ---- scores ----------------------------------------------------------------------------------------------
 

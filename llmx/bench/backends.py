@@ -29,6 +29,7 @@ uninterrupted run, and a kill between two results of one batch shifts them. Seed
 
 from __future__ import annotations
 
+import copy
 import email.utils
 import fcntl
 import hashlib
@@ -69,6 +70,15 @@ class Backend:
 
         on_result is always called from the thread that called generate."""
         raise NotImplementedError
+
+    def with_temperature(self, temperature: float) -> "Backend":
+        """This backend sampling at `temperature` (the same model, not reloaded); itself when the temperature
+        is already that or the backend does not sample (oracle)."""
+        if not hasattr(self, "temperature") or self.temperature == float(temperature):
+            return self
+        clone = copy.copy(self)
+        clone.temperature = float(temperature)
+        return clone
 
 
 def _stop_list(stop: Any) -> List[str]:

@@ -140,6 +140,12 @@ def length_name(tokens: int) -> str:
     return f"{tokens // 1000}k" if tokens % 1000 == 0 else str(tokens)
 
 
+def interleave(core: Sequence[str], extra: Sequence[str], rng: random.Random) -> List[str]:
+    """`core` and `extra` statements in one random order."""
+    keys = [rng.random() for _ in range(len(core) + len(extra))]
+    return [s for _, s in sorted(zip(keys, list(core) + list(extra)), key=lambda t: t[0])]
+
+
 def fill_to_length(
     render: Callable[[List[str]], str],
     core: Sequence[str],
@@ -149,12 +155,16 @@ def fill_to_length(
     rng: random.Random,
     tol: float = 0.03,
     max_rounds: int = 12,
+    allow_over: bool = False,
+    count_piece: Optional[CountTokens] = None,
 ) -> Tuple[str, int, int]:
     """Interleave `noise(k)` (a prefix-stable stream: noise(k) is noise(k+1)[:k]) with `core` until
     render(statements) measures `target` tokens within `tol`. Returns (prompt, n_tokens, k).
 
     The core statements keep random positions drawn once; each distractor's position is drawn when it
-    first appears, so the search changes only how many distractors there are."""
+    first appears, so the search changes only how many distractors there are. A problem longer than the
+    target alone raises Unsatisfiable, or with `allow_over` is returned without distractors. `count_piece`
+    estimates what one statement adds to the measure (default: its own tokens) for the first step."""
     core_keys = [rng.random() for _ in core]
     noise_keys: List[float] = []
 
@@ -171,6 +181,8 @@ def fill_to_length(
     if target <= 0:
         return text, n, 0
     if n > target * (1 + tol):
+        if allow_over:
+            return text, n, 0
         raise Unsatisfiable(f"the problem alone has {n} tokens, more than the target {target}")
     lo, hi = 0, None  # k with n(lo) < target; k with n(hi) > target
     k = 0
@@ -182,7 +194,8 @@ def fill_to_length(
             per = (n - n0) / k if k else None
             if per is None or per <= 0:
                 probe = noise(8)
-                per = max(1.0, sum(count_tokens(s + "\n") for s in probe) / len(probe))
+                piece = count_piece or (lambda s: count_tokens(s + "\n"))
+                per = max(1.0, sum(piece(s) for s in probe) / len(probe))
             step = max(1, int((target - n) / per))
             k = k + step if hi is None else (k + min(step, max(1, (hi - k) // 2)))
         else:

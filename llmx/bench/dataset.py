@@ -104,8 +104,15 @@ _WORKER: Dict[str, Any] = {}
 
 
 def load_counter(tokenizer_path: Optional[str]) -> Optional[Callable[[str], int]]:
+    """A token counter for a tokenizer directory, a hub id, or a tokenizer.json file (read with the
+    `tokenizers` library: no hub access, e.g. a downloaded Llama-3 tokenizer.json)."""
     if not tokenizer_path:
         return None
+    if Path(tokenizer_path).expanduser().is_file():
+        from tokenizers import Tokenizer
+
+        file_tok = Tokenizer.from_file(str(Path(tokenizer_path).expanduser()))
+        return lambda text: len(file_tok.encode(text, add_special_tokens=False).ids)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)

@@ -318,6 +318,9 @@ class EvaluatorConfig:
     pass_k: List[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to num_samples
     pass_estimator: str = "reference"  # reference: 1-(1-c/n)^k, as the paper; unbiased: Chen et al.
     temperature: float = 0.0
+    # Per-subset sampling temperature, e.g. {symbolic: 1.0} (the reference samples symbolic problems at 1.0
+    # and realistic ones at 0.0); subsets not named use `temperature`.
+    temperature_by_subset: Dict[str, float] = field(default_factory=dict)
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int = 0

@@ -14,6 +14,8 @@ Feature -> config flag:
     length-measuring tokenizer              bench.tokenizer (null: the model group's)
     model backend                           evaluator=none|oracle|hf|openai (+ model=... for hf)
     samples, pass@k                         evaluator.num_samples, evaluator.pass_k, evaluator.pass_estimator
+    sampling temperature (per subset)       evaluator.temperature, evaluator.temperature_by_subset={symbolic: 1.0}
+    length measure (real or reference's)    bench.options.length_measure=tokens|reference
     resumable replies                       evaluator.cache (default: keyed by model and benchmark)
 
 Read top to bottom: 1. the benchmark (generate or load), 2. the problems to evaluate, 3. replies from the
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from omegaconf import OmegaConf
 
@@ -55,6 +57,7 @@ def main(cfg) -> Dict[str, Any]:
     bench_cfg, ev = cfg.bench, cfg.evaluator
     options = OmegaConf.to_container(bench_cfg.options, resolve=True)
     backend_name = ev.backend.value if hasattr(ev.backend, "value") else str(ev.backend)
+    temperatures = subset_temperatures(ev, get_bench(bench_cfg.generator, **options).subsets)
 
     # 1. The benchmark: load an existing one, or generate (every problem verified by its solver).
     if bench_cfg.dataset_dir:
@@ -99,16 +102,13 @@ def main(cfg) -> Dict[str, Any]:
 
     # 3. Replies, through a cache keyed by the backend and the benchmark: a rerun of the same evaluation
     #    (or one killed halfway) only asks for what is missing.
-    from llmx.bench.backends import GenRequest, build_backend, run_with_cache
+    from llmx.bench.backends import build_backend
 
     solutions = {r["id"]: r["solution"] for r in records} if backend_name == "oracle" else None
     backend = build_backend(ev, cfg.model, solutions)
-    cache_path = Path(ev.cache).expanduser() if ev.cache else _default_cache(cfg, backend, manifest)
-    requests = [GenRequest(key=r["id"], prompt=r["prompt"], n=ev.num_samples) for r in records]
-    print(f"llmx: {backend_name}: {len(requests)} problems x {ev.num_samples} sample(s); replies cache {cache_path}",
-          flush=True)
     t0 = time.perf_counter()
-    replies = run_with_cache(backend, requests, cache_path, progress=_progress_printer() if cfg.logger.progress else None)
+    replies, caches = _replies(cfg, backend, records, temperatures, manifest)
+    cache_path = Path(next(iter(caches.values())))
     seconds = time.perf_counter() - t0
 
     # 4. Grading: every sample of every problem (symbolic sets optionally extracted by an LLM).
@@ -129,7 +129,8 @@ def main(cfg) -> Dict[str, Any]:
     # 5. Scores, tables and plots.
     scores = score(rows, ks=list(ev.pass_k) or None, estimator=ev.pass_estimator)
     scores.update(backend=backend_name, fingerprint=backend.fingerprint(), bench_dir=str(data_dir),
-                  replies_cache=str(cache_path), seconds=round(seconds, 1))
+                  replies_cache=str(cache_path), replies_caches=caches, temperatures=temperatures,
+                  seconds=round(seconds, 1))
     atomic_write_json(run_dir / "scores.json", scores)
     table = markdown_table(scores)
     atomic_write_text(run_dir / "results.md", f"# {cfg.name}: {backend_name}\n\n{table}")
@@ -147,6 +148,63 @@ def main(cfg) -> Dict[str, Any]:
     print(table, flush=True)
     print(f"llmx: done: accuracy {final['acc']:.3f} over {n_total} samples; results in {run_dir}", flush=True)
     return final
+
+
+def subset_temperatures(ev, subsets) -> Dict[str, float]:
+    """evaluator.temperature_by_subset checked against the generator's subsets; refused before any work."""
+    by_subset = _plain(ev.temperature_by_subset) or {}
+    unknown = sorted(set(by_subset) - set(subsets))
+    if unknown:
+        raise LlmxError(f"evaluator.temperature_by_subset names {unknown}; valid subsets: {list(subsets)}")
+    out = {}
+    for subset, t in {**{s: ev.temperature for s in subsets}, **by_subset}.items():
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            t = -1.0
+        if not t >= 0:  # also refuses NaN
+            key = f"evaluator.temperature_by_subset.{subset}" if subset in by_subset else "evaluator.temperature"
+            raise LlmxError(f"{key}={by_subset.get(subset, ev.temperature)!r} must be a number >= 0 (0: greedy)")
+        out[subset] = t
+    return out
+
+
+def _replies(cfg, backend, records, temperatures: Dict[str, float],
+             manifest) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    """Every record's replies, sampled at its subset's temperature; and the cache of each temperature."""
+    from llmx.bench.backends import GenRequest, run_with_cache
+
+    ev = cfg.evaluator
+    backend_name = ev.backend.value if hasattr(ev.backend, "value") else str(ev.backend)
+    replies: Dict[str, List[str]] = {}
+    caches: Dict[str, str] = {}
+    for temperature, group in _by_temperature(records, temperatures, float(ev.temperature)).items():
+        # One cache per temperature: a cache holds the replies of one backend configuration.
+        sampler = backend.with_temperature(temperature)
+        cache_path = _cache_path(cfg, sampler, manifest, temperature)
+        caches[f"{temperature:g}"] = str(cache_path)
+        requests = [GenRequest(key=r["id"], prompt=r["prompt"], n=ev.num_samples) for r in group]
+        print(f"llmx: {backend_name}: {len(requests)} problems x {ev.num_samples} sample(s) at temperature "
+              f"{temperature:g}; replies cache {cache_path}", flush=True)
+        progress = _progress_printer() if cfg.logger.progress else None
+        replies.update(run_with_cache(sampler, requests, cache_path, progress=progress))
+    return replies, caches
+
+
+def _by_temperature(records, temperatures: Dict[str, float], default: float) -> Dict[float, List[Dict[str, Any]]]:
+    groups: Dict[float, List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(temperatures.get(r["subset"], default), []).append(r)
+    return groups
+
+
+def _cache_path(cfg, backend, manifest, temperature: float) -> Path:
+    if not cfg.evaluator.cache:
+        return _default_cache(cfg, backend, manifest)  # keyed by the fingerprint, which holds the temperature
+    path = Path(cfg.evaluator.cache).expanduser()
+    if temperature == float(cfg.evaluator.temperature):
+        return path
+    return path.with_name(f"{path.stem}.t{temperature:g}{path.suffix}")
 
 
 def _llm_extracted(ev, records, replies, cache_path: Path):

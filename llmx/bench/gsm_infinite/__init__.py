@@ -18,6 +18,11 @@ Options where fidelity and speed part (defaults: the reference's behaviour):
   reverse_linear_only  keep only reverse problems whose equation in the hidden quantity is first order, as
                        the reference does; false also admits higher-order equations with exactly one
                        positive integer root (about a third of hard reverse problems).
+  length_measure=tokens  a length target is the prompt's real length in bench.tokenizer's tokens (within 3%).
+                       `reference` measures as the reference generated its published sets: symbolic adds
+                       int(length x 828/9668) filler variables whatever the tokenizer; realistic counts the
+                       instruction, six solved copies of the problem and the problem itself against the
+                       target minus 1000 tokens, so its prompts are several times shorter than the target.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from llmx.bench.gsm_infinite.symbolic import generate_symbolic, solve_symbolic
 SUBSETS = ("symbolic", "medium", "hard")
 THEMES = ("crazy_zootopia", "teachers_in_school", "movie_festival_awards")  # realistic.THEMES (a test checks)
 MODES = ("forward", "reverse")
+LENGTH_MEASURES = ("tokens", "reference")
 DEFAULT_MIX = (
     {"template": "crazy_zootopia", "mode": "forward", "weight": 0.4},
     {"template": "movie_festival_awards", "mode": "forward", "weight": 0.05},
@@ -48,14 +54,21 @@ class GSMInfinite(BenchGenerator):
 
     def __init__(self, *, realistic_mix: Optional[Sequence[Dict[str, Any]]] = None, number_range: int = 5,
                  symbolic_max_value: int = 10, grader_mode: str = "reference", sampling: str = "reference",
-                 reverse_linear_only: bool = True, max_attempts: int = 20000, **options: Any):
+                 reverse_linear_only: bool = True, max_attempts: int = 20000, length_measure: str = "tokens",
+                 **options: Any):
         super().__init__(**options)
         if options:
             raise BenchError(f"gsm_infinite: unknown option(s) {sorted(options)}; valid: realistic_mix, number_range, "
-                             "symbolic_max_value, grader_mode, sampling, reverse_linear_only, max_attempts")
+                             "symbolic_max_value, grader_mode, sampling, reverse_linear_only, max_attempts, "
+                             "length_measure")
         if sampling not in ("reference", "fast"):
             raise BenchError(f"gsm_infinite: sampling={sampling!r}; valid: 'reference' (flat rejection, the "
                              "reference's distribution of problem shapes), 'fast' (nested rejection)")
+        if length_measure not in LENGTH_MEASURES:
+            raise BenchError(f"gsm_infinite: length_measure={length_measure!r}; valid: 'tokens' (the prompt measures "
+                             "the length target), 'reference' (the reference's measure: symbolic 828/9668 filler "
+                             "statements per token, realistic 6 solved copies counted, 1000 tokens below the target)")
+        self.length_measure = length_measure
         self.sampling = sampling
         self.reverse_linear_only = bool(reverse_linear_only)
         self.max_attempts = int(max_attempts)
@@ -83,7 +96,8 @@ class GSMInfinite(BenchGenerator):
 
     def generate(self, subset: str, op: int, length: int, rng: random.Random, count_tokens) -> Dict[str, Any]:
         if subset == "symbolic":
-            return generate_symbolic(op, length, rng, count_tokens, max_value=self.symbolic_max_value)
+            return generate_symbolic(op, length, rng, count_tokens, max_value=self.symbolic_max_value,
+                                     length_measure=self.length_measure)
         from llmx.bench.gsm_infinite.realistic import generate_realistic
 
         weights = [float(m.get("weight", 1.0)) for m in self.mix]
@@ -92,7 +106,8 @@ class GSMInfinite(BenchGenerator):
         extra = {} if tries is None else {"dep_tries": tries, "value_tries": tries}
         return generate_realistic(d=2 if subset == "medium" else 3, op=op, mode=pick["mode"], template=pick["template"],
                                   length=length, rng=rng, count_tokens=count_tokens, number_range=self.number_range,
-                                  max_attempts=self.max_attempts, linear_only=self.reverse_linear_only, **extra)
+                                  max_attempts=self.max_attempts, linear_only=self.reverse_linear_only,
+                                  length_measure=self.length_measure, **extra)
 
     def verify(self, record: Dict[str, Any]) -> None:
         rid = record.get("id", "?")

@@ -90,7 +90,9 @@ Where this differs from the reference, or the paper leaves it open
   here they depend on core parameters only (no cycles possible among distractors) and add a constant
   half the time. Length: the whole prompt is measured and matched within 3% (the reference aims at the
   length minus 1000 tokens with an estimate that counts six copies of problem and solution, with the
-  Llama-3 tokenizer, and adds `misslength // 40` statements).
+  Llama-3 tokenizer, and adds `misslength // 40` statements, so its "8k" prompts are far shorter than 8k).
+  `length_measure="reference"` (bench.options.length_measure) matches the reference's measure within 3%
+  instead (no distractors when the problem alone exceeds it, as there); n_tokens stays the real length.
 - Text: own wording for messages, questions ("What is X?" for every kind of parameter) and solutions
   (one "Define ... as V; so V = ..." step per parameter, whole sums in one step).
 """
@@ -642,6 +644,17 @@ def _render(message: str, statements: List[str], question: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- noise
 
+REFERENCE_BUFFER = 1000  # the reference aims its measure at the length minus 1000 tokens
+
+
+def _reference_measure(message: str, solution: str, count_tokens: Callable[[str], int]) -> Callable[[str], int]:
+    """The reference's length of a prompt: tokens of instruction + 6 x (problem + question + solution) +
+    problem + question, i.e. six copies of the solved problem besides the asked one. Summed per part here
+    (the reference tokenizes the concatenation; the two differ by a few tokens at the seams)."""
+    m, sol = count_tokens(message), count_tokens(solution)
+    return lambda prompt: (lambda n: n + 6 * (n - m + sol))(count_tokens(prompt))
+
+
 
 class _Noise:
     """Prefix-stable stream of distractor statements: noise(k) == noise(k + 1)[:k]."""
@@ -850,9 +863,10 @@ def _attempt(d: int, op: int, reverse: bool, theme: Theme, number_range: int, rn
 def generate_realistic(d: int, op: int, mode: str, template: str, length: int, rng: random.Random,
                        count_tokens: Optional[Callable[[str], int]], number_range: int = 5,
                        max_attempts: int = 2000, linear_only: bool = False, dep_tries: int = DEP_TRIES,
-                       value_tries: int = VALUE_TRIES) -> Dict[str, Any]:
+                       value_tries: int = VALUE_TRIES, length_measure: str = "tokens") -> Dict[str, Any]:
     """One medium (d=2) or hard (d=3) problem with exactly `op` operations; see the module docstring.
-    `linear_only` keeps only first-order reverse equations, as the reference does."""
+    `linear_only` keeps only first-order reverse equations, as the reference does; `length_measure` is
+    "tokens" (the prompt measures `length`) or "reference" (the reference's measure, `_reference_measure`)."""
     if d not in (2, 3):
         raise BenchError(f"gsm_infinite realistic: d={d!r}; valid: 2 (medium), 3 (hard)")
     if mode not in MODES:
@@ -888,7 +902,14 @@ def generate_realistic(d: int, op: int, mode: str, template: str, length: int, r
                     shown.append(stmts)
                     return _render(message, stmts, question)
 
-                prompt, n_tokens, n_noise = fill_to_length(render, statements, noise, length, count_tokens, rng)
+                if length_measure == "reference":
+                    # A distractor lengthens the problem, which the measure counts 7 times.
+                    prompt, _, n_noise = fill_to_length(render, statements, noise, length - REFERENCE_BUFFER,
+                                                        _reference_measure(message, solution, count_tokens), rng,
+                                                        allow_over=True, count_piece=lambda s: 7 * count_tokens(s))
+                    n_tokens = count_tokens(prompt)
+                else:
+                    prompt, n_tokens, n_noise = fill_to_length(render, statements, noise, length, count_tokens, rng)
                 statements = shown[-1]
             else:
                 rng.shuffle(statements)

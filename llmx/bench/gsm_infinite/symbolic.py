@@ -16,7 +16,8 @@ Choices where the reference differs or is silent (all documented, none changes t
 * Context length. The reference adds `int(length * 828 / 9668)` distractor variables (its estimate of
   ~11.7 Llama-3 tokens per statement). We measure the rendered prompt with the configured tokenizer and
   add distractors until it is within 3% of the target (`base.fill_to_length`), so "8k" means 8k tokens of
-  the tokenizer named in the manifest.
+  the tokenizer named in the manifest. `length_measure="reference"` (bench.options.length_measure) adds the
+  reference's count instead, whatever the tokenizer; n_tokens still records the prompt's real length.
 * Randomness. The reference draws every problem from one `random.Random(42)` in generation order; each
   problem here has its own seeded RNG (see `llmx.bench.base`), so a problem does not depend on the others.
 * The prompt is our paraphrase of the reference's instruction (context in <context> tags, the equations
@@ -25,13 +26,15 @@ Choices where the reference differs or is silent (all documented, none changes t
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from llmx.bench.base import BenchError, fill_to_length
+from llmx.bench.base import BenchError, Unsatisfiable, fill_to_length, interleave
 
 POOL = 1_000_000  # variable names V000000..V999999
+TOL = 0.03  # base.fill_to_length's default tolerance on the length target
 
 INSTRUCTION = (
     "The context above lists relationships between variables. Each relationship is an equation, and all of "
@@ -84,7 +87,13 @@ def _distractor_stream(rng: random.Random, taken: set) -> Callable[[int], List[s
     return noise
 
 
-def generate_symbolic(op: int, length: int, rng: random.Random, count_tokens, *, max_value: int = 10) -> Dict[str, Any]:
+# The reference's length measure: int(length * 828 / 9668) filler variables (its estimate of Llama-3 tokens per
+# statement), the first of them the unassigned root of the filler tree, so one statement fewer.
+REFERENCE_FILLER_PER_TOKEN = 828 / 9668
+
+
+def generate_symbolic(op: int, length: int, rng: random.Random, count_tokens, *, max_value: int = 10,
+                      length_measure: str = "tokens") -> Dict[str, Any]:
     if op < 1:
         raise BenchError(f"symbolic: op={op} must be >= 1")
     names = [var_name(i) for i in rng.sample(range(POOL), op)]
@@ -102,10 +111,18 @@ def generate_symbolic(op: int, length: int, rng: random.Random, count_tokens, *,
 
     noise_rng = random.Random(rng.getrandbits(64))
     noise = _distractor_stream(noise_rng, set(names))
-    if length > 0:
+    if length > 0 and length_measure == "reference":
+        n_noise = max(0, int(length * REFERENCE_FILLER_PER_TOKEN) - 1)
+        prompt = render_prompt(interleave(core, noise(n_noise), rng), value)
+        n_tokens = count_tokens(prompt) if count_tokens else 0
+    elif length > 0:
         if count_tokens is None:
             raise BenchError("symbolic: a context length needs a tokenizer to measure it")
-        prompt, n_tokens, n_noise = fill_to_length(lambda s: render_prompt(s, value), core, noise, length, count_tokens, rng)
+        try:
+            prompt, n_tokens, n_noise = fill_to_length(lambda s: render_prompt(s, value), core, noise, length,
+                                                       count_tokens, rng, tol=TOL)
+        except Unsatisfiable:
+            raise _too_long(op, length, core, value, count_tokens) from None
     else:
         order = core[:]
         rng.shuffle(order)
@@ -125,6 +142,20 @@ def generate_symbolic(op: int, length: int, rng: random.Random, count_tokens, *,
         "n_tokens": n_tokens,
         "n_noise": n_noise,
     }
+
+
+def _too_long(op: int, length: int, core: List[str], value: int, count_tokens) -> BenchError:
+    """Every symbolic problem of this op is about as long (one statement per op): no retry helps, so say
+    which lengths and ops are possible with this tokenizer."""
+    empty = count_tokens(render_prompt([], value))
+    per = (count_tokens(render_prompt(core, value)) - empty) / op
+    alone = empty + per * op
+    fits = max(0, int((length * (1 + TOL) - empty) / per))
+    return BenchError(
+        f"gsm_infinite: a symbolic op={op} problem has {alone:.0f} tokens before any distractor, more than its "
+        f"length target of {length} tokens (+{TOL:.0%}); valid: a length of at least {math.ceil(alone / (1 + TOL))} "
+        f"tokens for op={op}, or op <= about {fits} at this length ({per:.1f} tokens per statement with this "
+        "tokenizer)")
 
 
 def _solution(names, parents, edges, values, value, answer) -> str:
