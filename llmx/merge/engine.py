@@ -888,12 +888,11 @@ def _pieces(job: _Job, e: _Entry, donor: Checkpoint, policy_ck: Optional[Checkpo
     elements per input (at least one row), in reused buffers, so that a 1 GB embedding costs no more than a
     chunk; TIES and DARE first make their statistics passes over the chunks (methods.SparseMerge). A piece is
     valid until the next."""
-    if not e.shape or e.shape[0] == 0:  # a scalar, or nothing
-        if e.action == "copy" or not e.shape:
-            segments = [("merge" if e.action == "merge" else donor, 0, 1)]
-        else:
-            yield torch.empty(e.shape, dtype=e.dtype)
-            return
+    if not e.shape:  # a scalar
+        segments = [("merge" if e.action == "merge" else donor, 0, 1)]
+    elif e.shape[0] == 0:
+        yield torch.empty(e.shape, dtype=e.dtype)
+        return
     else:
         rows = e.shape[0]
         head = (e.vocab[0] if e.vocab else rows) if e.action == "merge" else (
