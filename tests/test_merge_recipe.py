@@ -204,14 +204,28 @@ def test_paramdelta_tiny_smoke(tmp_path):
     for f in ("results.md", "results.json", "final.json"):
         assert (run / f).is_file(), proc.stdout
     rows = json.loads((run / "results.json").read_text())
-    assert [r["model"] for r in rows] == ["base", "base'", "post", "ParamΔ"]
+    assert [r["model"] for r in rows] == ["base", "base'", "post", "post'", "ParamΔ"]
     final = json.loads((run / "final.json").read_text())
-    assert {"task_accuracy_post", "task_accuracy_paramdelta", "corpus_b_loss_base_prime",
-            "corpus_b_loss_paramdelta", "fact_recall_paramdelta"} <= set(final)
-    assert "ParamΔ" in (run / "results.md").read_text()
+    for metric in ("task_accuracy", "corpus_b_loss", "corpus_a_loss", "fact_recall"):
+        for model in ("base", "base_prime", "post", "post_prime", "paramdelta"):
+            assert f"{metric}_{model}" in final, (metric, model)
+    for target in ("post_prime", "post"):  # ParamΔ's task accuracy as a share of post' (the paper's) and of post
+        acc = final[f"task_accuracy_{target}"]
+        assert final[f"task_share_of_{target}"] == (final["task_accuracy_paramdelta"] / acc if acc else None)
+    assert set(final["stage_seconds"]) == {"base", "post", "base_prime", "post_prime"}
+    table = (run / "results.md").read_text()
+    assert "| post' |" in table
+    assert "of post' (base' post-trained the same way" in table or "post' answers no held-out question" in table
+
+    # post' is base' post-trained with post's recipe: same data and seeds, another starting point.
+    stages = run / "stages"
+    base_prime, post, post_prime = (json.loads((stages / s / "stage.json").read_text())
+                                    for s in ("base_prime", "post", "post_prime"))
+    assert post_prime["recipe_sha"] == post["recipe_sha"] and post_prime["seed"] == post["seed"]
+    assert post_prime["from"] == base_prime["key"] != post["from"]
+    assert _tensors(stages / "post_prime" / "hf").keys() == _tensors(stages / "post" / "hf").keys()
 
     # The ParamΔ model is exactly post - base + base' (float32 inputs and output).
-    stages = run / "stages"
     P, B, N = (_tensors(stages / s / "hf") for s in ("post", "base", "base_prime"))
     out = _tensors(stages / "paramdelta" / "hf")
     assert set(out) == set(N) == set(P) == set(B)
@@ -222,7 +236,8 @@ def test_paramdelta_tiny_smoke(tmp_path):
 
     # Rerunning in the same run directory skips every finished stage and evaluates again.
     again = run_llmx(["run", *SMOKE, f"hydra.run.dir={run}"], cwd=REPO, timeout=300, check=True)
-    assert again.stdout.count("done in an earlier run") == 4, again.stdout
+    assert again.stdout.count("done in an earlier run") == 5, again.stdout
+    assert "stage 4/6 post_prime: done in an earlier run" in again.stdout
     assert json.loads((run / "final.json").read_text()) == final
 
     # The same run directory with a changed stage config is refused, not silently reused.

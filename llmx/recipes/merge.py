@@ -57,7 +57,8 @@ import torch.nn.functional as F
 
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value, plain, sha256_text
 
-STAGES = ("pretrain", "post_train", "continue_pretrain")
+STAGES = ("pretrain", "post_train", "continue_pretrain")  # the demonstration's training recipes (merge.demo.*)
+N_STEPS = 6  # base, post, base', post' (base' post-trained with post's recipe), ParamΔ, evaluation
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -290,8 +291,9 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
     print(f"llmx: {cfg.name}: tokenizer of {len(tok)} tokens; corpus A {len(corpus_a[0])} blocks, corpus B "
           f"{len(corpus_b[0])} blocks, task {len(task_train[0])} sequences, {len(task_questions)} held-out "
           f"questions", flush=True)
-    dirs = {s: run_dir / "stages" / name for s, name in
-            [("pretrain", "base"), ("post_train", "post"), ("continue_pretrain", "base_prime")]}
+    stages = run_dir / "stages"
+    dirs = {"base": stages / "base", "post": stages / "post", "base_prime": stages / "base_prime",
+            "post_prime": stages / "post_prime", "paramdelta": stages / "paramdelta"}
 
     # 1. base: pretrain from scratch on corpus A.
     def fresh_model():
@@ -301,69 +303,46 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
         return build_model(cfg.model, vocab_size=len(tok), device="cpu")
 
     key = {"tokenizer": tok_sha, "model": plain(cfg.model), "seed": cfg.seed}
-    base = _train_stage(cfg, "pretrain", dirs["pretrain"], key, info, tok, fresh_model, corpus_a)
+    base = _train_stage(cfg, "pretrain", dirs["base"], key, info, tok, fresh_model, corpus_a, number=1)
     # 2. post: the base post-trained on the task.
     key_b = {**key, "from": base["key"]}
-    post = _train_stage(cfg, "post_train", dirs["post_train"], key_b, info, tok,
-                        lambda: _load(dirs["pretrain"] / "hf"), task_train, corpus_a[0], sft=True)
+    post = _train_stage(cfg, "post_train", dirs["post"], key_b, info, tok, lambda: _load(dirs["base"] / "hf"),
+                        task_train, corpus_a[0], sft=True, number=2)
     # 3. base': the base pretrained further on corpus B.
-    base_prime = _train_stage(cfg, "continue_pretrain", dirs["continue_pretrain"], key_b, info, tok,
-                              lambda: _load(dirs["pretrain"] / "hf"), corpus_b, corpus_a[0])
+    base_prime = _train_stage(cfg, "continue_pretrain", dirs["base_prime"], key_b, info, tok,
+                              lambda: _load(dirs["base"] / "hf"), corpus_b, corpus_a[0], number=3)
+    # 4. post' (the paper's Θ'_post, what ParamΔ stands in for): base' post-trained with post's recipe (same
+    #    data, steps, learning rate and seeds), as Llama-3.1-Instruct is Llama-3.1 post-trained.
+    post_prime = _train_stage(cfg, "post_train", dirs["post_prime"], {**key, "from": base_prime["key"]}, info, tok,
+                              lambda: _load(dirs["base_prime"] / "hf"), task_train, corpus_a[0], sft=True, number=4)
 
-    # 4. ParamΔ = post - base + base' (no training).
-    merged = run_dir / "stages" / "paramdelta"
+    # 5. ParamΔ = post - base + base' (no training).
+    merged = dirs["paramdelta"]
     merge_fields = {k: plain(cfg.merge)[k] for k in ("scale", "include", "exclude", "vocab_policy", "dtype",
                                                       "compute_dtype")}
     merge_key = sha256_text(post["key"], base["key"], base_prime["key"], json.dumps(merge_fields, sort_keys=True))
     if _stage_done(merged, merge_key, "paramdelta"):
-        print(f"llmx: stage 4/5 paramdelta: done in an earlier run ({merged})", flush=True)
+        print(f"llmx: stage 5/{N_STEPS} paramdelta: done in an earlier run ({merged})", flush=True)
     else:
         from llmx.merge import paramdelta
 
-        print("llmx: stage 4/5 paramdelta: post - base + base'", flush=True)
+        print(f"llmx: stage 5/{N_STEPS} paramdelta: post - base + base'", flush=True)
         t0 = time.perf_counter()
         # overwrite: a merge published by a run that died before writing stage.json is redone.
-        paramdelta(dirs["post_train"] / "hf", dirs["pretrain"] / "hf", dirs["continue_pretrain"] / "hf", merged / "hf",
-                   scale=float(cfg.merge.scale), **{**_merge_kwargs(cfg), "overwrite": True, "log": _quiet_log})
+        paramdelta(dirs["post"] / "hf", dirs["base"] / "hf", dirs["base_prime"] / "hf", merged / "hf", scale=float(cfg.merge.scale), **{**_merge_kwargs(cfg), "overwrite": True, "log": _quiet_log})
         atomic_write_json(merged / "stage.json", {"key": merge_key, "seconds": round(time.perf_counter() - t0, 2)})
 
-    # 5. Evaluate the four models on the task, corpus B and corpus A (all held out).
+    # 6. Evaluate the five models on the task, corpus B and corpus A (all held out).
     probes = _fact_probes(data["continue_pretrain"])
-    models = [("base", "pretrained on corpus A", dirs["pretrain"]),
-              ("base'", "base + continued pretraining on corpus B", dirs["continue_pretrain"]),
-              ("post", "base + post-training on the task", dirs["post_train"]),
+    models = [("base", "pretrained on corpus A", dirs["base"]),
+              ("base'", "base + continued pretraining on corpus B", dirs["base_prime"]),
+              ("post", "base + post-training on the task", dirs["post"]),
+              ("post'", "base' + the same post-training (the paper's target)", dirs["post_prime"]),
               ("ParamΔ", "post - base + base' (no training)", merged)]
-    rows = []
-    for name, what, where in models:
-        model = _load(where / "hf").to(info.device).eval()
-        row = {"model": name, "what": what, "dir": str(where / "hf"),
-               "task_accuracy": _exact_match(model, tok, task_questions, d.max_answer_tokens, info.device),
-               "corpus_b_loss": _mean_loss(model, corpus_b[1], d.eval_sequences, cfg.trainer.micro_batch_size,
-                                           info.device),
-               "corpus_a_loss": _mean_loss(model, corpus_a[1], d.eval_sequences, cfg.trainer.micro_batch_size,
-                                           info.device)}
-        if probes:
-            row["fact_recall"] = _exact_match(model, tok, probes, max(len(tok(a, add_special_tokens=False)["input_ids"])
-                                                                      for _, a in probes) + 1, info.device,
-                                              stop=r"[.\n]")
-        rows.append(row)
-        print(f"llmx: {name}: task accuracy {row['task_accuracy']:.3f}, corpus B loss {row['corpus_b_loss']:.4f}"
-              + (f", fact recall {row['fact_recall']:.3f}" if probes else "")
-              + f", corpus A loss {row['corpus_a_loss']:.4f}", flush=True)
-        del model
-
-    # The table.
-    by = {r["model"]: r for r in rows}
-    acc = {k: by[n]["task_accuracy"] for k, n in [("post", "post"), ("paramdelta", "ParamΔ")]}
-    final = {"task_accuracy_post": acc["post"], "task_accuracy_paramdelta": acc["paramdelta"],
-             "task_recovery": acc["paramdelta"] / acc["post"] if acc["post"] > 0 else None,
-             **{f"corpus_b_loss_{k}": by[n]["corpus_b_loss"] for k, n in
-                [("base_prime", "base'"), ("post", "post"), ("paramdelta", "ParamΔ")]},
-             "task_questions": len(task_questions),
-             "stage_seconds": {"base": base["seconds"], "post": post["seconds"], "base_prime": base_prime["seconds"]}}
-    if probes:
-        final.update({f"fact_recall_{k}": by[n]["fact_recall"] for k, n in
-                      [("base_prime", "base'"), ("post", "post"), ("paramdelta", "ParamΔ")]})
+    rows = [_evaluate(cfg, name, what, where / "hf", tok, task_questions, corpus_a[1], corpus_b[1], probes,
+                      info.device) for name, what, where in models]
+    final = _demo_final(rows, len(task_questions), probes,
+                        {"base": base, "post": post, "base_prime": base_prime, "post_prime": post_prime})
     table = _demo_table(cfg, rows, final, len(task_questions), len(probes))
     atomic_write_text(run_dir / "results.md", table)
     atomic_write_json(run_dir / "results.json", rows)
@@ -371,6 +350,39 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
     print(table, flush=True)
     return final
 
+
+def _evaluate(cfg, name, what, hf_dir: Path, tok, questions, val_a, val_b, probes, device) -> Dict[str, Any]:
+    d = cfg.merge.demo
+    model = _load(hf_dir).to(device).eval()
+    row = {"model": name, "what": what, "dir": str(hf_dir),
+           "task_accuracy": _exact_match(model, tok, questions, d.max_answer_tokens, device),
+           "corpus_b_loss": _mean_loss(model, val_b, d.eval_sequences, cfg.trainer.micro_batch_size, device),
+           "corpus_a_loss": _mean_loss(model, val_a, d.eval_sequences, cfg.trainer.micro_batch_size, device)}
+    if probes:
+        longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for _, a in probes)
+        row["fact_recall"] = _exact_match(model, tok, probes, longest + 1, device, stop=r"[.\n]")
+    print(f"llmx: {name}: task accuracy {row['task_accuracy']:.3f}, corpus B loss {row['corpus_b_loss']:.4f}"
+          + (f", fact recall {row['fact_recall']:.3f}" if probes else "")
+          + f", corpus A loss {row['corpus_a_loss']:.4f}", flush=True)
+    return row
+
+
+DEMO_KEYS = [("base", "base"), ("base_prime", "base'"), ("post", "post"), ("post_prime", "post'"),
+             ("paramdelta", "ParamΔ")]
+
+
+def _demo_final(rows, n_questions: int, probes, stages: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """final.json: every model's metrics, and ParamΔ's task accuracy as a share of post' (the paper's
+    measure: ParamΔ stands in for post-training the new base) and of post (null where the denominator is 0)."""
+    by = {r["model"]: r for r in rows}
+    metrics = ["task_accuracy", "corpus_b_loss", "corpus_a_loss"] + (["fact_recall"] if probes else [])
+    final = {f"{m}_{k}": by[name][m] for m in metrics for k, name in DEMO_KEYS}
+    ours = by["ParamΔ"]["task_accuracy"]
+    for k, name in [("post_prime", "post'"), ("post", "post")]:
+        final[f"task_share_of_{k}"] = ours / by[name]["task_accuracy"] if by[name]["task_accuracy"] > 0 else None
+    final["task_questions"] = n_questions
+    final["stage_seconds"] = {k: s["seconds"] for k, s in stages.items()}
+    return final
 
 
 def _stage_data(cfg, stage: str):
@@ -427,9 +439,10 @@ def _stage_done(stage_dir: Path, key: str, stage: str) -> bool:
 
 
 def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], info, tok, make_model, datasets,
-                 corpus_a=None, sft: bool = False) -> Dict[str, Any]:
+                 corpus_a=None, sft: bool = False, number: int = 0) -> Dict[str, Any]:
     """Train one stage with the trainer core (resuming from its own checkpoint if any) and export it to
-    stage_dir/hf; skipped when stage.json says it is done with the same config."""
+    stage_dir/hf; skipped when stage.json says it is done with the same config. `stage` names the recipe
+    (merge.demo.<stage>); upstream says what the stage starts from, so one recipe can run on two models."""
     from omegaconf import open_dict
 
     from llmx.data import StepLoader
@@ -437,7 +450,7 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
     from llmx.trainer.checkpoint import find_newest
     from llmx.trainer.trainer import Trainer
 
-    s, number = cfg.merge.demo[stage], STAGES.index(stage) + 1
+    s = cfg.merge.demo[stage]
     stage_cfg = copy.deepcopy(cfg)
     with open_dict(stage_cfg):
         stage_cfg.name = f"{cfg.name}/{stage_dir.name}"
@@ -453,14 +466,13 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
     weights_from = {k: v for k, v in plain(stage_cfg.trainer).items() if k not in
                ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "save_final", "export_hf",
                 "detect_nan", "max_seconds")}
-    key = sha256_text(json.dumps({**upstream, "stage": stage, "config": plain(s), "trainer": weights_from,
-                                  "optim": plain(stage_cfg.optim), "data": plain(stage_cfg.data),
-                                  "answer_only": cfg.merge.demo.answer_only_loss if sft else None},
-                                 sort_keys=True, default=str))
+    recipe = {"stage": stage, "config": plain(s), "trainer": weights_from, "optim": plain(stage_cfg.optim),
+              "data": plain(stage_cfg.data), "answer_only": cfg.merge.demo.answer_only_loss if sft else None}
+    key = sha256_text(json.dumps({**upstream, **recipe}, sort_keys=True, default=str))
     if _stage_done(stage_dir, key, stage):
-        print(f"llmx: stage {number}/5 {stage_dir.name}: done in an earlier run ({stage_dir})", flush=True)
+        print(f"llmx: stage {number}/{N_STEPS} {stage_dir.name}: done in an earlier run ({stage_dir})", flush=True)
         return json.loads((stage_dir / "stage.json").read_text())
-    print(f"llmx: stage {number}/5 {stage_dir.name}: {stage} for {s.max_steps} steps at lr {s.lr:g} on "
+    print(f"llmx: stage {number}/{N_STEPS} {stage_dir.name}: {stage} for {s.max_steps} steps at lr {s.lr:g} on "
           f"{stage_cfg.data.name}" + (f" + {s.generator}" if stage == "pretrain" and s.generator else ""), flush=True)
     train, val = datasets
     if s.replay > 0:
@@ -474,7 +486,10 @@ def _train_stage(cfg, stage: str, stage_dir: Path, upstream: Dict[str, Any], inf
                       eval_batches_fn=pair_eval_batches if sft else None)
     t0 = time.perf_counter()
     final = trainer.fit()
-    done = {"key": key, "stage": stage, "seconds": round(time.perf_counter() - t0, 2),
+    # recipe_sha: equal for two stages trained the same way (post and post'), whatever they started from.
+    done = {"key": key, "stage": stage, "seed": cfg.seed, "from": upstream.get("from"),
+            "recipe_sha": sha256_text(json.dumps(recipe, sort_keys=True, default=str)),
+            "seconds": round(time.perf_counter() - t0, 2),
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float, str))}}
     atomic_write_json(stage_dir / "stage.json", done)
     return done
@@ -625,6 +640,14 @@ def _mean_loss(model, val, max_sequences: int, micro_batch: int, device) -> floa
     return total / count
 
 
+def _share_line(final, key: str, what: str) -> str:
+    share = final[f"task_share_of_{key}"]
+    if share is None:
+        return (f"{dict(DEMO_KEYS)[key]} answers no held-out question, so no share of it is defined (more "
+                "merge.demo.post_train.max_steps).")
+    return f"ParamΔ's task accuracy is {share:.1%} of {what}."
+
+
 def _demo_table(cfg, rows, final, n_questions: int, n_probes: int) -> str:
     d = cfg.merge.demo
     facts = n_probes > 0
@@ -633,7 +656,8 @@ def _demo_table(cfg, rows, final, n_questions: int, n_probes: int) -> str:
              + (f" + {d.pretrain.generator}" if d.pretrain.generator else "") + f"); post: {d.post_train.max_steps} "
              f"steps of post-training on {d.post_train.generator} (loss on "
              f"{'answers only' if d.answer_only_loss else 'every token'}); base': {d.continue_pretrain.max_steps} "
-             f"more steps of pretraining on corpus B ({d.continue_pretrain.generator}); ParamΔ = post - base + base'"
+             f"more steps of pretraining on corpus B ({d.continue_pretrain.generator}); post': base' post-trained "
+             f"as post was; ParamΔ = post - base + base'"
              + (f" (scale {cfg.merge.scale:g})" if cfg.merge.scale != 1.0 else "") + ".",
              f"- task accuracy: greedy exact match on {n_questions} held-out questions (none in the post-training "
              f"data); losses: mean next-token loss (nats) on {d.eval_sequences} held-out blocks at most"
@@ -647,13 +671,13 @@ def _demo_table(cfg, rows, final, n_questions: int, n_probes: int) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['what']} | {r['task_accuracy']:.1%} | {r['corpus_b_loss']:.3f} |"
                      + (f" {r['fact_recall']:.1%} |" if facts else "") + f" {r['corpus_a_loss']:.3f} |")
-    rec = final["task_recovery"]
-    lines += ["", f"ParamΔ recovers {rec:.1%} of post's task accuracy (the paper: about 95% on Llama 3 70B)."
-              if rec is not None else "post answers no held-out question: the task was not learned (more "
-              "merge.demo.post_train.max_steps).",
+    lines += ["", _share_line(final, "post_prime", "post' (base' post-trained the same way; the paper's measure: "
+                              "about 95% on Llama 3.1 70B)"),
+              _share_line(final, "post", "post (the post-trained old base)"),
               f"ParamΔ's corpus-B loss is {final['corpus_b_loss_paramdelta']:.3f}: "
-              f"base' {final['corpus_b_loss_base_prime']:.3f}, "
+              f"base' {final['corpus_b_loss_base_prime']:.3f}, post' {final['corpus_b_loss_post_prime']:.3f}, "
               f"post {final['corpus_b_loss_post']:.3f}"
               + (f"; fact recall {final['fact_recall_paramdelta']:.1%} (base' {final['fact_recall_base_prime']:.1%}, "
-                 f"post {final['fact_recall_post']:.1%})" if facts else "") + ".", ""]
+                 f"post' {final['fact_recall_post_prime']:.1%}, post {final['fact_recall_post']:.1%})" if facts else "")
+              + ".", ""]
     return "\n".join(lines)
