@@ -238,6 +238,7 @@ def test_paramdelta_tiny_smoke(tmp_path):
     again = run_llmx(["run", *SMOKE, f"hydra.run.dir={run}"], cwd=REPO, timeout=300, check=True)
     assert again.stdout.count("done in an earlier run") == 5, again.stdout
     assert "stage 4/6 post_prime: done in an earlier run" in again.stdout
+    assert "| mean ± s.e. (n=1) |" in _seeds_script().summarize([run])  # the seeds summary reads a real run
     assert json.loads((run / "final.json").read_text()) == final
 
     # The same run directory with a changed stage config is refused, not silently reused.
@@ -261,3 +262,37 @@ def test_replay_reaches_all_of_corpus_a_and_keeps_the_share():
     pairs = _Replay(data, corpus_a, 0.25, pairs=True)
     assert pairs[len(pairs) - 1].shape == (2, 4)
     assert sum(1 for i in range(len(pairs)) if pairs[i].dim() == 2) == round(len(pairs) * 0.25)
+
+
+def _seeds_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paramdelta_seeds", REPO / "scripts" / "paramdelta_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_summary_means_and_standard_errors(tmp_path):
+    seeds = _seeds_script()
+    keys = [k for _, k, _ in seeds.COLUMNS]
+    runs = []
+    for seed, share, post_share in [(11, 0.9, 0.6), (10, 0.7, None), (12, 0.8, 0.8)]:
+        run = tmp_path / f"seed{seed}"
+        (run / "stages" / "base").mkdir(parents=True)
+        (run / "stages" / "base" / "stage.json").write_text(json.dumps({"seed": seed}))
+        final = {k: 0.5 for k in keys}
+        final.update(task_share_of_post_prime=share, task_share_of_post=post_share)
+        (run / "final.json").write_text(json.dumps(final))
+        runs.append(run)
+    table = seeds.summarize(runs)
+    rows = [line for line in table.splitlines() if line.startswith("| 1")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 10", "| 11", "| 12"]  # sorted by seed
+    mean_row = next(line for line in table.splitlines() if line.startswith("| mean"))
+    # post': mean 0.8, s.e. = sd 0.1 / sqrt(3); post: seeds 11 and 12 only (seed 10's post scored 0)
+    assert "| 80.0% ± 5.8% | 70.0% ± 10.0% |" in mean_row
+    assert "no held-out question for seed(s) 10" in table
+    assert seeds.mean_se([2.0]) == (2.0, None)
+    (runs[0] / "final.json").write_text(json.dumps({"task_accuracy_post": 0.5}))
+    with pytest.raises(SystemExit, match="no post' columns"):
+        seeds.summarize(runs)
