@@ -1,6 +1,6 @@
 """merge recipe: weight-space merging of Hugging Face checkpoints, and a CPU demonstration of ParamΔ.
 
-    llmx run recipe=paramdelta_tiny            # train base, post, base' on CPU, merge, evaluate (~4 min)
+    llmx run recipe=paramdelta_tiny            # train base, post, base', post' on CPU, merge, evaluate (~5 min)
     llmx run recipe=paramdelta_llama3_70b      # Llama-3-70B-Instruct - Llama-3-70B + Llama-3.1-70B
     llmx run recipe=paramdelta_llama3_70b merge.post=/models/L3-70B-Instruct merge.base=/models/L3-70B \\
         merge.new_base=/models/L3.1-70B merge.out_dir=/models/L3.1-70B-ParamDelta
@@ -32,10 +32,16 @@ Demonstration mode (paramdelta_tiny) makes the paper's setting small enough for 
             (merge.demo.<stage>.replay);
   3. base': base pretrained further on corpus B, text it never saw: facts about other fictional people
             ("Kalo lives in Quenmar."; llmx.data.synthetic.facts), with corpus A replayed;
-  4. ParamΔ = post - base + base' (llmx.merge.paramdelta), no training;
-  5. all four evaluated on held-out task questions (greedy exact match; the evaluation's questions are
+  4. post': base' post-trained with post's recipe (same data, steps, learning rate, seeds): the paper's
+            Θ'_post, what ParamΔ stands in for (Llama-3.1-Instruct against the ParamΔ of Llama-3-Instruct,
+            Llama-3 and Llama-3.1: "about 95% of Llama3.1-inst's performance", arXiv 2504.21023);
+  5. ParamΔ = post - base + base' (llmx.merge.paramdelta), no training;
+  6. all five evaluated on held-out task questions (greedy exact match; the evaluation's questions are
      removed from the post-training data), held-out corpus-B loss and fact recall (greedy completion of
-     "Kalo lives in", "Kalo works as a", "Kalo keeps a"), and held-out corpus-A loss.
+     "Kalo lives in", "Kalo works as a", "Kalo keeps a"), and held-out corpus-A loss. ParamΔ's task
+     accuracy is reported as a share of post''s (the paper's measure) and of post's.
+The settings were tuned on seeds 0, 1, 2; BENCHMARKS.md reports seeds 10-14, never used for tuning
+(scripts/paramdelta_seeds.py: mean ± standard error over runs).
 One tokenizer for every stage: data.tokenizer trained on the union of all the corpora. Each stage's output
 is kept in <run_dir>/stages/<stage>/ with a stage.json naming what produced it: rerunning with
 hydra.run.dir=<that run dir> skips finished stages (a changed stage config is refused), and an unfinished
