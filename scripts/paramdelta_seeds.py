@@ -67,7 +67,24 @@ def _mean_cell(values: List[float], kind: str) -> str:
     return f"{m:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
+MODELS = [("base", "base"), ("base_prime", "base'"), ("post", "post"), ("post_prime", "post'"),
+          ("paramdelta", "ParamΔ")]
+METRICS = [("task accuracy", "task_accuracy", "pct"), ("corpus B loss", "corpus_b_loss", "loss"),
+           ("fact recall", "fact_recall", "pct"), ("corpus A loss", "corpus_a_loss", "loss")]
+
+
+def model_means(runs: Sequence[dict]) -> str:
+    """Every model's metrics, mean ± standard error over the runs."""
+    lines = ["| model | " + " | ".join(c for c, _, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for key, name in MODELS:
+        cells = [_mean_cell([r[f"{m}_{key}"] for r in runs], kind) if all(f"{m}_{key}" in r for r in runs) else "-"
+                 for _, m, kind in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(run_dirs: Sequence[Path]) -> str:
+    """Per seed: ParamΔ's shares and the key columns, then their means; then every model's means."""
     runs = sorted((load(Path(d)) for d in run_dirs), key=lambda r: (r["seed"] is None, r["seed"]))
     head = "| seed | " + " | ".join(c for c, _, _ in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -83,7 +100,7 @@ def summarize(run_dirs: Sequence[Path]) -> str:
         if missing:
             lines.append(f"\n{name} answered no held-out question for seed(s) {', '.join(missing)}: left out of "
                          f"the mean of ParamΔ / {name}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + model_means(runs)
 
 
 def main(argv=None) -> None:

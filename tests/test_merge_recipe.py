@@ -275,7 +275,7 @@ def _seeds_script():
 
 def test_seed_summary_means_and_standard_errors(tmp_path):
     seeds = _seeds_script()
-    keys = [k for _, k, _ in seeds.COLUMNS]
+    keys = [f"{m}_{k}" for _, m, _ in seeds.METRICS for k, _ in seeds.MODELS]
     runs = []
     for seed, share, post_share in [(11, 0.9, 0.6), (10, 0.7, None), (12, 0.8, 0.8)]:
         run = tmp_path / f"seed{seed}"
@@ -292,6 +292,7 @@ def test_seed_summary_means_and_standard_errors(tmp_path):
     # post': mean 0.8, s.e. = sd 0.1 / sqrt(3); post: seeds 11 and 12 only (seed 10's post scored 0)
     assert "| 80.0% ± 5.8% | 70.0% ± 10.0% |" in mean_row
     assert "no held-out question for seed(s) 10" in table
+    assert "| post' | 50.0% ± 0.0% | 0.500 ± 0.000 | 50.0% ± 0.0% | 0.500 ± 0.000 |" in table  # every model
     assert seeds.mean_se([2.0]) == (2.0, None)
     (runs[0] / "final.json").write_text(json.dumps({"task_accuracy_post": 0.5}))
     with pytest.raises(SystemExit, match="no post' columns"):
