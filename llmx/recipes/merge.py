@@ -1,6 +1,6 @@
 """merge recipe: weight-space merging of Hugging Face checkpoints, and a CPU demonstration of ParamΔ.
 
-    llmx run recipe=paramdelta_tiny            # train base, post, base', post' on CPU, merge, evaluate (~5 min)
+    llmx run recipe=paramdelta_tiny            # train base, post, base', post' on CPU, merge, evaluate (~6-9 min)
     llmx run recipe=paramdelta_llama3_70b      # Llama-3-70B-Instruct - Llama-3-70B + Llama-3.1-70B
     llmx run recipe=paramdelta_llama3_70b merge.post=/models/L3-70B-Instruct merge.base=/models/L3-70B \\
         merge.new_base=/models/L3.1-70B merge.out_dir=/models/L3.1-70B-ParamDelta
