@@ -335,7 +335,8 @@ def paramdelta_demo(cfg) -> Dict[str, Any]:
         print(f"llmx: stage 5/{N_STEPS} paramdelta: post - base + base'", flush=True)
         t0 = time.perf_counter()
         # overwrite: a merge published by a run that died before writing stage.json is redone.
-        paramdelta(dirs["post"] / "hf", dirs["base"] / "hf", dirs["base_prime"] / "hf", merged / "hf", scale=float(cfg.merge.scale), **{**_merge_kwargs(cfg), "overwrite": True, "log": _quiet_log})
+        paramdelta(dirs["post"] / "hf", dirs["base"] / "hf", dirs["base_prime"] / "hf", merged / "hf",
+                   scale=float(cfg.merge.scale), **{**_merge_kwargs(cfg), "overwrite": True, "log": _quiet_log})
         atomic_write_json(merged / "stage.json", {"key": merge_key, "seconds": round(time.perf_counter() - t0, 2)})
 
     # 6. Evaluate the five models on the task, corpus B and corpus A (all held out).
