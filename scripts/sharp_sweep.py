@@ -2,6 +2,7 @@
 evaluation and the SLW calibration are loaded or captured once, not once per variant).
 
     python scripts/sharp_sweep.py --out sweep.jsonl --jobs adjacent:16:0:0 prune:16:0:0 adjacent:16:80:0 ...
+    python scripts/sharp_sweep.py --table sweep.jsonl       # the markdown table (mean +- s.e. over seeds)
 
 A job is reference:rank:sft_steps:seed. reference is llmx.sharing's (adjacent = SHARP; permuted, distant,
 prune = the controls); rank 0 means no recovery at all (Direct Sharing, or for prune the MLP deleted);
@@ -75,7 +76,37 @@ def run_job(ctx, cfg, io, job, work: Path, originals) -> dict:
     return row
 
 
+def table(path: str) -> str:
+    """One line per (reference, rank, sft_steps): mean +- standard error over the seeds that ran."""
+    import statistics
+
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    groups: dict = {}
+    for r in lines:
+        if "reference" in r:
+            groups.setdefault((r["reference"], r["rank"], r["sft_steps"]), []).append(r)
+
+    def cell(vals, fmt):
+        if not vals:
+            return "-"
+        if len(vals) == 1:
+            return format(vals[0], fmt)
+        se = statistics.stdev(vals) / len(vals) ** 0.5
+        return f"{format(statistics.mean(vals), fmt)} ± {format(se, fmt)}"
+
+    out = ["| reference | rank | recovery params | SFT steps | seeds | SLW held-out rel. error | text ppl vs original "
+           "| instruction ppl vs original |", "|---|---|---|---|---|---|---|---|"]
+    for (ref, rank, sft), rs in groups.items():
+        slw = [r["slw_rel_err_after"] for r in rs if "slw_rel_err_after" in r]
+        out.append(f"| {ref} | {rank} | {rs[0]['recovery_parameters']:,} | {sft} | {len(rs)} | {cell(slw, '.3f')} | "
+                   f"{cell([r['text_ratio'] for r in rs], '.3f')}x | {cell([r['instruct_ratio'] for r in rs], '.3f')}x |")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--table"]:
+        print(table(sys.argv[2]))
+        return
     argv = sys.argv[1:]
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv

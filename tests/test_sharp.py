@@ -460,6 +460,10 @@ def test_recovery_parameters_are_fp32_master_weights_on_a_bf16_model():
     kept = tiny(dtype=torch.bfloat16)
     share_mlps(kept, [2], rank=4, recovery_dtype=None)  # opt out: the model's dtype
     assert all(p.dtype == torch.bfloat16 for p in recovery_parameters(kept))
+    from llmx.config.compose import compose
+
+    cfg = compose(["recipe=sharp_llama2_7b"])
+    assert cfg.model.dtype == "bfloat16" and cfg.sparsify.sharp.recovery_dtype == "float32"
 
 
 # ---------------------------------------------------------------------------------------------- SLW data (issue 20)
