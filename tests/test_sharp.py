@@ -402,6 +402,8 @@ def test_prune_control_is_a_low_rank_gated_mlp_with_sharps_parameter_count():
         share_mlps(tiny(), [3], recovery="parallel", rank=4, reference="prune")
     with pytest.raises(LlmxError, match="reference='sideways'"):
         share_mlps(tiny(), [3], reference="sideways")
+    with pytest.raises(LlmxError, match="holds? a control"):
+        save_compact(model, "unused")
 
 
 def test_permuted_reference_is_the_reference_through_a_residual_permutation():
