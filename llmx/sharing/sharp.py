@@ -165,7 +165,7 @@ class LowRank(nn.Module):
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, d_in, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
-        if not self.A.is_meta:
+        if not self.A.is_meta and self.A.numel():  # rank 0 (prune with no recovery) has nothing to draw
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # LoRA's init: B = 0 makes the update start at 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
