@@ -157,7 +157,7 @@ def test_control_adapters_count_only_recovery():
 def test_capture_mlp_io_records_the_mlps_own_function():
     model = tiny()
     io = capture_mlp_io(model, [1, 4], [ids(), ids(seed=2)], max_tokens=40)
-    x, y = io[4]
+    x, y, _ = io[4]
     assert x.shape == (40, H) and y.shape == (40, H)
     assert torch.allclose(decoder_layers(model)[4].mlp(x), y, atol=1e-6)
 
@@ -330,12 +330,17 @@ def test_generated_instruction_data_is_held_out_by_topic():
 def test_recipe_refuses_bad_config_before_work(tmp_path):
     args = ["run", "recipe=sharp_smollm2", f"output_root={tmp_path}", "sparsify.sharp.rank=0",
             "sparsify.sharp.slw.data=web", "sparsify.sharp.init=svd", "sparsify.sharp.recovery=parallel",
-            "sparsify.sharp.save_dtype=int8", "sparsify.sharp.sft.lr=-1"]
+            "sparsify.sharp.save_dtype=int8", "sparsify.sharp.sft.lr=-1", "sparsify.sharp.recovery_dtype=int8",
+            "sparsify.sharp.slw.holdout=1.5"]
     proc = run_llmx(args, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
-    for needle in ["rank=0", "slw.data='web'", "init=svd needs recovery=lora", "save_dtype='int8'", "sft.lr=-1"]:
+    for needle in ["rank=0", "slw.data='web'", "init=svd needs recovery=lora", "save_dtype='int8'", "sft.lr=-1",
+                   "recovery_dtype='int8'", "holdout=1.5"]:
         assert needle in proc.stderr + proc.stdout, needle
     assert "original:" not in proc.stdout  # nothing evaluated or trained
+    prune = run_llmx(["run", "recipe=sharp_smollm2", f"output_root={tmp_path}", "sparsify.sharp.reference=prune"],
+                     cwd=tmp_path, timeout=120)
+    assert prune.returncode != 0 and "reference=prune needs init=svd" in prune.stderr + prune.stdout
 
 
 @pytest.mark.slow
@@ -367,3 +372,162 @@ def test_sharp_recipe_on_smollm2_and_resume(tmp_path):
     assert "SLW: done in an earlier run" in again.stdout and "SFT: done in an earlier run" in again.stdout
     res2 = json.loads((run / "results.json").read_text())
     assert [r["ppl_instruct"] for r in res2["rows"]] == pytest.approx([r["ppl_instruct"] for r in res["rows"]], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- controls (issue 20)
+
+
+def test_prune_control_is_a_low_rank_gated_mlp_with_sharps_parameter_count():
+    from llmx.sharing import LowRankMLP
+
+    model = tiny()
+    layers = decoder_layers(model)
+    orig = {p: getattr(layers[3].mlp, p).weight.detach().clone() for p in PROJECTIONS}
+    x = torch.randn(6, H)
+    refs = share_mlps(model, [3], rank=4, init="svd", reference="prune")
+    assert refs == {3: -1} and isinstance(layers[3].mlp, LowRankMLP)
+    assert layers[3].mlp.recovery_parameters() == SharedMLP(layers[2].mlp, "lora", 4).recovery_parameters()
+    assert mlp_storage(model)["mlp"] == (L - 1) * 3 * H * I + 4 * 3 * (H + I)
+    assert freeze_all_but_recovery(model) == 4 * 3 * (H + I)
+    full = tiny()  # at full rank the SVD init is the layer itself: the control starts from the original
+    share_mlps(full, [3], rank=H, init="svd", reference="prune")
+    want = dense_mlp(x, orig["gate_proj"], orig["up_proj"], orig["down_proj"])
+    assert torch.allclose(decoder_layers(full)[3].mlp(x).double(), want, rtol=1e-3, atol=1e-4)
+    deleted = tiny()
+    share_mlps(deleted, [3], recovery="none", reference="prune")
+    assert torch.equal(decoder_layers(deleted)[3].mlp(x), torch.zeros(6, H))  # rank 0: the MLP deleted
+    with pytest.raises(LlmxError, match="prune needs init=svd"):
+        share_mlps(tiny(), [3], rank=4, reference="prune")
+    with pytest.raises(LlmxError, match="prune needs recovery=lora"):
+        share_mlps(tiny(), [3], recovery="parallel", rank=4, reference="prune")
+    with pytest.raises(LlmxError, match="reference='sideways'"):
+        share_mlps(tiny(), [3], reference="sideways")
+    with pytest.raises(LlmxError, match="holds? a control"):
+        save_compact(model, "unused")
+
+
+def test_permuted_reference_is_the_reference_through_a_residual_permutation():
+    model = tiny()
+    layers = decoder_layers(model)
+    ref = {p: getattr(layers[2].mlp, p).weight.detach().clone() for p in PROJECTIONS}
+    orig = {p: getattr(layers[3].mlp, p).weight.detach().clone() for p in PROJECTIONS}
+    share_mlps(model, [3], recovery="none", reference="permuted", seed=5)
+    shared = layers[3].mlp
+    perm = shared.perm
+    assert not torch.equal(perm, torch.arange(H))
+    x = torch.randn(5, H)
+    inv = torch.argsort(perm)  # x[perm] = P x, so the weights are W_gate P, W_up P and P^T W_down
+    want = dense_mlp(x, ref["gate_proj"][:, inv], ref["up_proj"][:, inv], ref["down_proj"][inv])
+    assert torch.allclose(shared(x).double(), want, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(shared(x), layers[2].mlp(x), atol=1e-3)  # not Direct Sharing
+    # Why not permute the hidden units: a consistent hidden permutation is an exact symmetry of the MLP.
+    h = torch.randperm(I, generator=torch.Generator().manual_seed(0))
+    same = dense_mlp(x, ref["gate_proj"][h], ref["up_proj"][h], ref["down_proj"][:, h])
+    assert torch.allclose(same, dense_mlp(x, ref["gate_proj"], ref["up_proj"], ref["down_proj"]), atol=1e-10)
+    assert not any(".perm" in k for k in model.state_dict())  # drawn from the seed, never stored
+    full = tiny()  # full-rank SVD init over the permuted reference reproduces the replaced layer
+    share_mlps(full, [3], rank=H, init="svd", reference="permuted", seed=5)
+    want = dense_mlp(x, orig["gate_proj"], orig["up_proj"], orig["down_proj"])
+    assert torch.allclose(decoder_layers(full)[3].mlp(x).double(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_distant_reference_is_a_kept_layer_at_distance_two_or_more():
+    for seed in range(5):
+        refs = reference_map([6, 8, 12], "distant", 16, seed)
+        assert all(abs(i - j) >= 2 and j not in (6, 8, 12) and j != i - 1 for i, j in refs.items())
+    assert reference_map([6, 8, 12], "distant", 16, 3) == reference_map([6, 8, 12], "distant", 16, 3)
+    model = tiny()
+    refs = share_mlps(model, [4], rank=2, reference="distant", seed=1)
+    assert refs[4] in (0, 1, 2) and decoder_layers(model)[4].mlp.reference is decoder_layers(model)[refs[4]].mlp
+
+
+def test_recovery_parameters_are_fp32_master_weights_on_a_bf16_model():
+    """sharp_llama2_7b runs in bf16: the frozen model stays bf16, recovery factors train in fp32."""
+    model = tiny(dtype=torch.bfloat16)
+    share_mlps(model, [2, 4], rank=4, init="svd")
+    params = recovery_parameters(model)
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert decoder_layers(model)[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    freeze_all_but_recovery(model)
+    out = model(ids()).logits
+    assert out.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=1e-5)
+    out.float().pow(2).mean().backward()
+    opt.step()
+    # Adam moves every entry by about lr; in bf16 (8 bits of mantissa) such steps round away on all but the
+    # smallest weights, so every entry changing is what fp32 master weights buy.
+    moved = [bool((p.detach() != b).all()) for p, b in zip(params, before)]
+    assert all(moved), moved
+    kept = tiny(dtype=torch.bfloat16)
+    share_mlps(kept, [2], rank=4, recovery_dtype=None)  # opt out: the model's dtype
+    assert all(p.dtype == torch.bfloat16 for p in recovery_parameters(kept))
+    from llmx.config.compose import compose
+
+    cfg = compose(["recipe=sharp_llama2_7b"])
+    assert cfg.model.dtype == "bfloat16" and cfg.sparsify.sharp.recovery_dtype == "float32"
+
+
+# ---------------------------------------------------------------------------------------------- SLW data (issue 20)
+
+
+def test_capture_drops_padding_and_numbers_sequences(tmp_path):
+    from llmx.sharing import padding_mask
+
+    tok = _byte_tokenizer(tmp_path)
+    items, _ = pack_pairs(tok, [("Add 3 and 1.", "4"), ("p?", "r.")] * 2, 48, chat_template=False)
+    keep = [padding_mask(it) for it in items]
+    n_real = [int(k.sum()) for k in keep]
+    assert all(n < 48 for n in n_real)  # these sequences are padded
+    assert [int((it[1] != IGNORE_INDEX).nonzero()[-1]) + 1 for it in items] == n_real
+    model = tiny(layers=3)
+    batches = [it[0][None] % 96 for it in items]
+    x, y, g = capture_mlp_io(model, [1], batches, keep=[k[None] for k in keep])[1]
+    assert x.shape[0] == sum(n_real) and g.tolist() == [s for s, n in enumerate(n_real) for _ in range(n)]
+    x_all, _, g_all = capture_mlp_io(model, [1], batches)[1]
+    assert x_all.shape[0] == 48 * len(items) and torch.equal(x, x_all[torch.cat(keep)])
+
+
+def test_slw_holds_out_whole_sequences():
+    torch.manual_seed(0)
+    model = tiny()
+    layers = decoder_layers(model)
+    x = torch.randn(300, H)
+    y = layers[3].mlp(x).detach()
+    groups = torch.arange(10).repeat_interleave(30)[torch.randperm(300)]  # rows of 10 sequences, interleaved
+    shared = SharedMLP(layers[2].mlp, "lora", 2)
+    res = single_layer_warmup(shared, x, y, groups=groups, holdout=0.2, steps=3, lr=1e-3, batch_tokens=64)
+    held = (groups == 8) | (groups == 9)
+    assert res["held_out_rows"] == 60 and res["train_rows"] == 240
+    assert res["rel_err_after"] == pytest.approx(relative_error(shared, x[held], y[held]), rel=1e-5)
+    with pytest.raises(LlmxError, match="at least 2"):
+        single_layer_warmup(shared, x, y, groups=torch.zeros(300), steps=1, lr=1e-3, batch_tokens=8)
+
+
+def test_slw_calibration_draws_from_every_source():
+    from llmx.recipes.sharp import calibration
+
+    # Packed items in source order, as pack_pairs leaves them: 40 of source 1, then 20 of source 2.
+    items = [torch.full((2, 8), 1)] * 40 + [torch.full((2, 8), 2)] * 20
+    assert {int(t[0, 0]) for t in items[:16]} == {1}  # the first 16 (the old choice): one source only
+    calib, keep = calibration(items, 16, seed=0, packed=True)
+    assert len(calib) == 16 and {int(c[0, 0]) for c in calib} == {1, 2} and len(keep) == 16
+    assert [c.tolist() for c in calibration(items, 16, seed=0, packed=True)[0]] == [c.tolist() for c in calib]
+
+
+# ---------------------------------------------------------------------------------------------- similarity
+
+
+def test_adjacent_similarity_of_a_copied_layer_is_exact():
+    from llmx.sharing import adjacent_similarity
+
+    model = tiny()
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        for p in PROJECTIONS:
+            getattr(layers[3].mlp, p).weight.copy_(getattr(layers[2].mlp, p).weight)
+    rows = {r["layer"]: r for r in adjacent_similarity(model, [ids(), ids(seed=3)])}
+    assert sorted(rows) == list(range(1, L))
+    assert rows[3]["direct_sharing_rel_err"] == pytest.approx(0, abs=1e-10)
+    assert rows[3]["cos_direct_sharing"] == pytest.approx(1, abs=1e-5)
+    assert rows[4]["direct_sharing_rel_err"] > 0.1 and -1 <= rows[4]["cos_adjacent_outputs"] <= 1

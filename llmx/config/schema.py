@@ -380,6 +380,13 @@ class SharpRecovery(str, Enum):
     none = "none"  # Direct Sharing: the reference's MLP as it is (the paper's baseline)
 
 
+class SharpReference(str, Enum):
+    adjacent = "adjacent"  # SHARP: the nearest earlier kept layer
+    permuted = "permuted"  # control: that reference seen through a random residual-stream permutation
+    distant = "distant"  # control: a random kept layer at distance >= 2
+    prune = "prune"  # control: no reference; the MLP deleted and a rank-r gated MLP in its place (init=svd)
+
+
 class SharpInit(str, Enum):
     zero = "zero"  # LoRA's init (B = 0): training starts at Direct Sharing
     svd = "svd"  # lora only: the truncated SVD of W_layer - W_reference
@@ -405,7 +412,8 @@ class SharpSLWConfig:
     lr: float = 1e-3
     batch_tokens: int = 1024  # rows (token positions) per step
     sequences: int = 16  # calibration sequences whose MLP inputs and outputs are captured
-    max_tokens: int = 16384  # captured rows per layer (the last 10% are held out to report the error)
+    max_tokens: int = 16384  # captured real-token rows per layer (padding is dropped)
+    holdout: float = 0.1  # share of the calibration sequences held out, whole, to report the error
     data: str = "sft"  # sft: the SFT training sequences; text: the data group's training split
 
 
@@ -436,6 +444,9 @@ class SharpConfig:
     targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     match_params: bool = True  # other recoveries/targets get the rank with lora(gate,up,down, rank)'s count
     init: SharpInit = SharpInit.zero
+    # What a replaced layer shares (llmx.sharing.sharp's docstring): SHARP, or one of its controls.
+    reference: SharpReference = SharpReference.adjacent
+    recovery_dtype: Optional[str] = "float32"  # master weights of the recovery parameters; null: the model's
     slw: SharpSLWConfig = field(default_factory=SharpSLWConfig)
     sft: SharpSFTConfig = field(default_factory=SharpSFTConfig)
     # Also fine-tune the original (unshared) model with the same recovery modules on its own MLPs and the

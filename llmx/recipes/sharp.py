@@ -15,6 +15,8 @@ Feature -> config flag (all under sparsify.sharp):
     stage 1 (SLW)                            slw.steps / lr / batch_tokens / sequences / data=sft|text
     stage 2 (SFT) and its data               sft.steps / lr / seq_len / sources=[{kind: file, path: ...}, ...]
     the fair control (SFT without sharing)   baseline_sft=true
+    controls for the shared weights          reference=adjacent|permuted|distant|prune (prune: init=svd)
+    recovery master-weight dtype             recovery_dtype=float32 (null: the model's dtype)
     compact checkpoint dtype                 save_dtype
     size and load time against the original  compare_storage
 
@@ -34,12 +36,15 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from llmx.sharing import (capture_mlp_io, decoder_layers, freeze_all_but_recovery, matched_rank, mlp_storage,
-                          recovery_parameters, select_layers, share_mlps, shared_layers, single_layer_warmup)
+                          padding_mask, recovery_parameters, select_layers, share_mlps, shared_layers,
+                          single_layer_warmup)
+from llmx.sharing.sharp import _check_share_args
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, enum_value, plain, sha256_text
 
 
@@ -74,6 +79,15 @@ def check_config(cfg, num_layers: Optional[int] = None) -> None:
             errors.append(f"sparsify.sharp.targets={list(sh.targets)}: valid are gate_proj, up_proj, down_proj")
     if enum_value(sh.init) == "svd" and enum_value(sh.recovery) != "lora":
         errors.append(f"sparsify.sharp.init=svd needs recovery=lora (got {enum_value(sh.recovery)})")
+    if enum_value(sh.reference) == "prune":
+        try:
+            _check_share_args(enum_value(sh.recovery), list(sh.targets), enum_value(sh.init), "prune")
+        except LlmxError as e:
+            errors.append(str(e))
+    if sh.recovery_dtype not in (None, "float32", "bfloat16", "float16"):
+        errors.append(f"sparsify.sharp.recovery_dtype={sh.recovery_dtype!r}; valid: null, float32, bfloat16, float16")
+    if not 0 < sh.slw.holdout < 1:
+        errors.append(f"sparsify.sharp.slw.holdout={sh.slw.holdout}: must be in (0, 1)")
     if num_layers is not None:
         try:
             select_layers(plain(sh.layers), num_layers)
@@ -83,23 +97,37 @@ def check_config(cfg, num_layers: Optional[int] = None) -> None:
         raise LlmxError("bad SHARP config:\n  " + "\n  ".join(errors))
 
 
-def main(cfg) -> Dict[str, Any]:
+# The row before any recovery, per reference mode.
+NO_RECOVERY = {"adjacent": "direct sharing", "permuted": "direct sharing, permuted reference",
+               "distant": "direct sharing, distant reference", "prune": "pruned (MLP deleted)"}
+
+
+def calibration(items, n: int, seed: int, packed: bool):
+    """SLW's calibration sequences: n drawn at random (seeded) from all of `items`, so that every
+    instruction source is represented (instruction_pairs and pack_pairs keep the sources in order, and the
+    first n were all pydoc). For packed [2, T] instruction items also the masks of their real tokens
+    (padding dropped). Returns (list of [1, T] ids, list of [1, T] masks or None)."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    if not packed:
+        return [items[i][None] for i in order], None
+    return [items[i][0][None] for i in order], [padding_mask(items[i])[None] for i in order]
+
+
+def prepare(cfg) -> SimpleNamespace:
+    """Step 1: the model (frozen, on its device), tokenizer, replaced layers, held-out text windows, and the
+    packed instruction data (training sequences; held-out sequences evenly spaced over the sources)."""
     import os
 
     from llmx.data import build_datasets, build_tokenizer
     from llmx.data.instruct import instruction_pairs, pack_pairs
     from llmx.models import load_pretrained
-    from llmx.sparse.evaluate import perplexity
 
     sh, sp = cfg.sparsify.sharp, cfg.sparsify
-    run_dir = Path(cfg.run_dir)
     check_config(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LlmxError("SHARP runs in one process: a shared MLP's weights live in another block, and FSDP frees "
                         "a block's weights after its forward. Use launcher=local (one GPU holds a 7B model)")
     torch.manual_seed(cfg.seed)
-
-    # 1. Model, text (perplexity; SLW with slw.data=text) and instruction data (SLW by default; SFT; perplexity).
     model, model_tok = load_pretrained(cfg.model)
     device = torch.device("cuda" if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model.to(device).eval().requires_grad_(False)
@@ -125,56 +153,82 @@ def main(cfg) -> Dict[str, Any]:
     print(f"llmx: SHARP on {cfg.model.name} ({num_layers} layers): replacing {replaced}; text: {n_eval} x "
           f"{cfg.data.seq_len} held-out tokens; instructions: {train_stats['examples']} training examples in "
           f"{len(sft_train)} sequences, {len(sft_val)} held-out sequences", flush=True)
+    return SimpleNamespace(model=model, tok=tok, device=device, replaced=replaced, text_train=text_train,
+                           text_windows=text_windows, sources=sources, sft_train=sft_train, sft_val=sft_val,
+                           train_stats=train_stats, val_stats=val_stats)
 
-    def evaluate(tag: str) -> Dict[str, Any]:
-        t0 = time.perf_counter()
-        text = perplexity(model, text_windows)
-        inst = _instruction_ppl(model, sft_val, device)
-        row = {"variant": tag, "ppl_text": text["ppl"], "ppl_instruct": inst["ppl"],
-               "text_tokens": text["tokens"], "instruct_tokens": inst["tokens"]}
-        print(f"llmx: {tag}: text ppl {text['ppl']:.3f}, instruction ppl {inst['ppl']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        return row
+
+def evaluate(ctx: SimpleNamespace, tag: str) -> Dict[str, Any]:
+    """Perplexity of ctx.model on the held-out text windows and instruction responses."""
+    from llmx.sparse.evaluate import perplexity
+
+    t0 = time.perf_counter()
+    text = perplexity(ctx.model, ctx.text_windows)
+    inst = _instruction_ppl(ctx.model, ctx.sft_val, ctx.device)
+    row = {"variant": tag, "ppl_text": text["ppl"], "ppl_instruct": inst["ppl"],
+           "text_tokens": text["tokens"], "instruct_tokens": inst["tokens"]}
+    print(f"llmx: {tag}: text ppl {text['ppl']:.3f}, instruction ppl {inst['ppl']:.3f} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return row
+
+
+def main(cfg) -> Dict[str, Any]:
+    from llmx.models import load_pretrained
+
+    sh = cfg.sparsify.sharp
+    run_dir = Path(cfg.run_dir)
+    # 1. Model, text (perplexity; SLW with slw.data=text) and instruction data (SLW by default; SFT; perplexity).
+    ctx = prepare(cfg)
+    model, tok, device, replaced = ctx.model, ctx.tok, ctx.device, ctx.replaced
+    text_train, sft_train, sft_val, sources = ctx.text_train, ctx.sft_train, ctx.sft_val, ctx.sources
+    train_stats, val_stats = ctx.train_stats, ctx.val_stats
 
     # 2. The original: perplexities, storage, and the MLP inputs/outputs of the layers to be replaced.
-    rows: List[Dict[str, Any]] = [evaluate("original")]
+    rows: List[Dict[str, Any]] = [evaluate(ctx, "original")]
     before = mlp_storage(model)
-    calib = ([s[0][None] for s in sft_train[: sh.slw.sequences]] if sh.slw.data == "sft"
-             else [text_train[i][None] for i in range(min(len(text_train), sh.slw.sequences))])
-    io = capture_mlp_io(model, replaced, calib, max_tokens=sh.slw.max_tokens) if sh.slw.steps else {}
+    calib, keep = calibration(sft_train if sh.slw.data == "sft" else text_train, sh.slw.sequences, cfg.seed,
+                              packed=sh.slw.data == "sft")
+    io = capture_mlp_io(model, replaced, calib, max_tokens=sh.slw.max_tokens, keep=keep) if sh.slw.steps else {}
+    calib_stats = {"sequences": len(calib), "positions": sum(c.numel() for c in calib),
+                   "padding_dropped": sum(int((~k).sum()) for k in keep) if keep else 0}
+    print(f"llmx: SLW calibration: {calib_stats['sequences']} sequences, {calib_stats['positions']} positions, "
+          f"{calib_stats['padding_dropped']} padding positions dropped", flush=True)
 
     # 3. Direct Sharing (no recovery), then the recovery modules at their initial values.
-    recovery, targets = enum_value(sh.recovery), list(sh.targets)
+    recovery, targets, reference = enum_value(sh.recovery), list(sh.targets), enum_value(sh.reference)
+    rec_dtype = getattr(torch, sh.recovery_dtype) if sh.recovery_dtype else None
     mlp0 = decoder_layers(model)[replaced[0]].mlp
     rank = matched_rank(mlp0, sh.rank, recovery, targets) if sh.match_params else sh.rank
     originals = {i: decoder_layers(model)[i].mlp for i in replaced}
-    share_mlps(model, replaced, recovery="none")
-    rows.append(evaluate("direct sharing"))
+    share_mlps(model, replaced, recovery="none", reference=reference, seed=cfg.seed)
+    rows.append(evaluate(ctx, NO_RECOVERY[reference]))
     for i, mlp in originals.items():  # back to the plain model, to share again with recovery
         decoder_layers(model)[i].mlp = mlp
     del originals
-    refs = share_mlps(model, replaced, recovery=recovery, rank=rank, targets=targets, init=enum_value(sh.init))
+    refs = share_mlps(model, replaced, recovery=recovery, rank=rank, targets=targets, init=enum_value(sh.init),
+                      reference=reference, seed=cfg.seed, recovery_dtype=rec_dtype)
     after = mlp_storage(model)
     storage = {"mlp_before": before["mlp"], "mlp_after": after["mlp"],
                "mlp_reduction": 1 - after["mlp"] / before["mlp"], "total_before": before["total"],
                "total_after": after["total"], "total_reduction": 1 - after["total"] / before["total"],
                "recovery_parameters": sum(p.numel() for p in recovery_parameters(model)), "rank": rank,
-               "references": {str(i): j for i, j in refs.items()}}
+               "references": {str(i): j for i, j in refs.items()}, "reference": reference}
     print(f"llmx: stored MLP parameters {before['mlp'] / 1e6:.2f}M -> {after['mlp'] / 1e6:.2f}M "
           f"({storage['mlp_reduction']:.1%} fewer), {recovery} rank {rank}, "
           f"{storage['recovery_parameters'] / 1e6:.3f}M recovery parameters", flush=True)
     if enum_value(sh.init) == "svd":
-        rows.append(evaluate("svd init"))
+        rows.append(evaluate(ctx, "svd init"))
 
     # 4. Stage 1, SLW: each layer's recovery alone, against the original layer's output (kept in slw/).
     upstream = {"model": cfg.model.name, "layers": replaced, "recovery": recovery, "rank": rank, "targets": targets,
-                "init": enum_value(sh.init), "seed": cfg.seed}
+                "init": enum_value(sh.init), "seed": cfg.seed, "reference": reference,
+                "recovery_dtype": sh.recovery_dtype, "data": "mixed, padding dropped, whole sequences held out"}
     slw_key = sha256_text(json.dumps({**upstream, "slw": plain(sh.slw), "sources": sources,
                                       "seq_len": sh.sft.seq_len}, sort_keys=True, default=str))
     slw_report = _stage1(model, io, sh.slw, run_dir / "slw", slw_key, cfg.seed) if sh.slw.steps else {}
     del io
     if sh.slw.steps:
-        rows.append(evaluate("SLW"))
+        rows.append(evaluate(ctx, "SLW"))
 
     # 5. Stage 2, SFT: every recovery parameter together, through the trainer core (kept in sft/).
     sft_final = None
@@ -183,7 +237,7 @@ def main(cfg) -> Dict[str, Any]:
                                                    "trainer": plain(cfg.trainer)}, sort_keys=True, default=str))
         sft_final = _stage2(cfg, model, tok, sft_train, sft_val, run_dir / "sft", sft_key, device)
         model.to(device)
-        rows.append(evaluate("SLW + SFT" if sh.slw.steps else "SFT"))
+        rows.append(evaluate(ctx, "SLW + SFT" if sh.slw.steps else "SFT"))
 
     # 6. The control: the same recovery modules and SFT on the unshared model.
     if sh.baseline_sft and sh.sft.steps:
@@ -195,26 +249,29 @@ def main(cfg) -> Dict[str, Any]:
         adapt_mlps(model, replaced, recovery=recovery, rank=rank, targets=targets)
         _stage2(cfg, model, tok, sft_train, sft_val, run_dir / "control_sft", sha256_text(sft_key, "control"), device,
                 what="control SFT (same recovery modules on the layers' own MLPs, nothing shared)")
-        model.to(device)
-        rows.append(evaluate("control: SFT, no sharing"))
-        model = shared_model
+        ctx.model = model.to(device)
+        rows.append(evaluate(ctx, "control: SFT, no sharing"))
+        ctx.model = model = shared_model
 
     # 7. Storage: the compact checkpoint, its size and load time against the original's.
     from llmx.models.pretrained import resolve_dtype
     from llmx.sharing import save_compact
 
     save_dtype = resolve_dtype(sh.save_dtype) if sh.save_dtype else None
-    compact = save_compact(model, run_dir / "compact", tok, dtype=save_dtype, overwrite=True,
-                           meta={"model": cfg.model.name, "recipe": cfg.name, "storage": storage})
-    storage.update(_disk_and_load(cfg, compact, save_dtype, run_dir) if sh.compare_storage else
-                   {"compact_bytes": _dir_bytes(compact)})
+    if reference == "adjacent":
+        compact = save_compact(model, run_dir / "compact", tok, dtype=save_dtype, overwrite=True,
+                               meta={"model": cfg.model.name, "recipe": cfg.name, "storage": storage})
+        storage.update(_disk_and_load(cfg, compact, save_dtype, run_dir) if sh.compare_storage else
+                       {"compact_bytes": _dir_bytes(compact)})
+    else:  # a control measures quality only; the compact format stores SHARP's sharing
+        print(f"llmx: reference={reference} is a control: no compact checkpoint", flush=True)
 
     # 8. The table.
     orig = rows[0]
     for r in rows:
         r["text_ratio"] = r["ppl_text"] / orig["ppl_text"]
         r["instruct_ratio"] = r["ppl_instruct"] / orig["ppl_instruct"]
-    final = {"storage": storage, "rows": rows, "slw": slw_report, "replaced": replaced,
+    final = {"storage": storage, "rows": rows, "slw": slw_report, "replaced": replaced, "slw_calibration": calib_stats,
              "sft": {k: v for k, v in (sft_final or {}).items() if isinstance(v, (int, float, str))},
              "instruction_data": {"train": train_stats, "validation": val_stats}}
     table = _table(cfg, rows, storage, slw_report, replaced, recovery, rank)
@@ -258,8 +315,9 @@ def _stage1(model, io, slw, stage_dir: Path, key: str, seed: int) -> Dict[str, A
     t0 = time.perf_counter()
     for n, (i, m) in enumerate(shared.items()):
         with torch.enable_grad():
-            r = single_layer_warmup(m, *io[i], steps=slw.steps, lr=slw.lr, batch_tokens=slw.batch_tokens,
-                                    seed=seed + i)
+            x, y, groups = io[i]
+            r = single_layer_warmup(m, x, y, groups=groups, holdout=slw.holdout, steps=slw.steps, lr=slw.lr,
+                                    batch_tokens=slw.batch_tokens, seed=seed + i)
         report[str(i)] = r
         print(f"llmx: SLW {n + 1}/{len(shared)}: layer {i}: held-out relative error {r['rel_err_before']:.3f} -> "
               f"{r['rel_err_after']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -310,7 +368,8 @@ def _stage2(cfg, model, tok, train, val, stage_dir: Path, key: str, device, what
     model.eval().requires_grad_(False)
     from safetensors.torch import save_file
 
-    rec = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".mlp.lora." in k or ".mlp.parallel." in k}
+    rec = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+           if ".mlp.lora." in k or ".mlp.parallel." in k}
     save_file(rec, str(stage_dir / "recovery.safetensors"))
     done = {k: v for k, v in final.items() if isinstance(v, (int, float, str))}
     atomic_write_json(marker, {"key": key, "final": done})

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from llmx.sharing.sharp import PROJECTIONS, share_mlps, shared_layers
+from llmx.sharing.sharp import PROJECTIONS, SharedMLP, share_mlps, shared_layers
 from llmx.utils import LlmxError, publish_dir, read_format_json
 
 FORMAT = "llmx-sharp/1"
@@ -32,6 +32,10 @@ def sharing_spec(model: nn.Module) -> Dict[str, Any]:
     shared = shared_layers(model)
     if not shared:
         raise LlmxError("the model has no shared MLP (apply llmx.sharing.share_mlps first)")
+    controls = [i for i, m in shared.items() if not isinstance(m, SharedMLP) or m.perm is not None]
+    if controls:
+        raise LlmxError(f"layers {controls} hold a control (reference=prune or permuted), not SHARP's sharing; "
+                        "the compact format stores SHARP's sharing (reference=adjacent)")
     refs = {}
     layers = getattr(model, "model", model).layers
     for i, m in shared.items():
