@@ -127,6 +127,26 @@ def _file_key(path: Path) -> Tuple[str, Dict[str, int]]:
     return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
 
 
+class Growing:
+    """A file being written: how many bytes of it are final, and whether it is complete (for FileHashes to
+    hash it while it is written)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.size, self.done = 0, False
+
+    def advance(self, size: int, done: bool = False) -> None:
+        with self._cond:
+            self.size, self.done = size, self.done or done
+            self._cond.notify_all()
+
+    def wait_beyond(self, pos: int) -> Tuple[int, bool]:
+        with self._cond:
+            while self.size <= pos and not self.done:
+                self._cond.wait()
+            return self.size, self.done
+
+
 class FileHashes:
     """SHA-256 of whole files on `threads` background threads, reusing hashes already known (see the module
     docstring). submit(path) queues a file (optionally fsyncing it first); result(path) waits for its hash."""
@@ -156,26 +176,39 @@ class FileHashes:
             return entry["sha256"], "cache"
         return None
 
-    def submit(self, path: Path, *, fsync: bool = False, reuse: bool = True) -> None:
-        known = self._known(path) if self.reuse and reuse and not fsync else None
+    def submit(self, path: Path, *, fsync: bool = False, reuse: bool = True,
+               growing: Optional[Growing] = None) -> None:
+        """Queue `path`'s hash. fsync: fsync it once hashed. growing: the file is being written; hash its
+        bytes as they become final (the thread follows the writer), and finish when it is complete."""
+        known = self._known(path) if self.reuse and reuse and not fsync and growing is None else None
         if known is not None:
             fut: Future = Future()
             fut.set_result(known[0])
             self._futures[path], self.sources[path] = fut, known[1]
         else:
-            self._futures[path] = self._pool.submit(self._hash, path, fsync)
+            self._futures[path] = self._pool.submit(self._hash, path, fsync, growing)
             self.sources[path] = "computed"
 
-    def _hash(self, path: Path, fsync: bool) -> str:
+    def _hash(self, path: Path, fsync: bool, growing: Optional[Growing]) -> str:
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = bytearray(2**20)  # reused: fresh memory per block would fault pages
         h, mv = hashlib.sha256(), memoryview(buf)
         with open(path, "rb", buffering=0) as f:
+            pos, done = 0, growing is None
+            while True:
+                limit = None
+                if not done:
+                    limit, done = growing.wait_beyond(pos)
+                n = f.readinto(mv if limit is None else mv[:min(len(buf), limit - pos)])
+                if not n:
+                    if done:
+                        break
+                    continue
+                h.update(mv[:n])
+                pos += n
             if fsync:
                 os.fsync(f.fileno())
-            while n := f.readinto(buf):
-                h.update(mv[:n])
         return h.hexdigest()
 
     def result(self, path: Path) -> str:
@@ -463,6 +496,7 @@ def ordered_names(ck: Checkpoint) -> List[str]:
 
 
 WRITEBACK_BYTES = 64 * 2**20
+GROWING_STEP = 8 * 2**20
 
 
 def _sync_file_range() -> Optional[Callable[[int, int, int], None]]:
@@ -493,8 +527,10 @@ class ShardedWriter:
     """Write safetensors shards for a fixed plan [(name, dtype, shape), ...], tensor by tensor, in order."""
 
     def __init__(self, out_dir: Path, plan: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], shard_size: int,
-                 *, on_close: Optional[Callable[[Path], None]] = None, writeback: bool = False):
-        self.out_dir, self.on_close = Path(out_dir), on_close
+                 *, on_open: Optional[Callable[[Path], Optional[Growing]]] = None, writeback: bool = False):
+        self.out_dir, self.on_open = Path(out_dir), on_open
+        self._growing: Optional[Growing] = None
+        self._announced = 0
         self._writeback = _sync_file_range() if writeback else None
         self._flushed = self._pos = 0  # bytes of the current shard handed to the disk / written
         shards: List[List[Tuple[str, str, Tuple[int, ...], int]]] = [[]]
@@ -528,6 +564,8 @@ class ShardedWriter:
     def _open_next(self) -> None:
         shard = self.shards[self._k]
         self._f = open(self.out_dir / shard.name, "wb", buffering=0)
+        if self.on_open is not None:  # e.g. hash it on another thread while it is written
+            self._growing = self.on_open(self.out_dir / shard.name)
         self._write(struct.pack("<Q", len(shard.header)) + shard.header)
 
     def _write(self, data) -> None:
@@ -536,6 +574,9 @@ class ShardedWriter:
         while done < mv.nbytes:
             done += self._f.write(mv[done:])
         self._pos += done
+        if self._growing is not None and self._pos - self._announced >= GROWING_STEP:
+            self._growing.advance(self._pos)
+            self._announced = self._pos
         if self._writeback is not None and self._pos - self._flushed >= WRITEBACK_BYTES:
             # Start writing this range to disk now (without waiting), so that the fsync at the end has little
             # left to wait for and the kernel never throttles the writes for too many dirty pages.
@@ -546,10 +587,10 @@ class ShardedWriter:
         shard = self.shards[self._k]
         self._f.close()
         self._f = None
-        self._flushed = self._pos = 0
+        if self._growing is not None:
+            self._growing.advance(self._pos, done=True)
+        self._growing, self._flushed, self._pos, self._announced = None, 0, 0, 0
         self.sizes[shard.name] = 8 + len(shard.header) + shard.data_bytes
-        if self.on_close is not None:  # e.g. fsync and hash it on another thread
-            self.on_close(self.out_dir / shard.name)
         self._k += 1
         self._i = 0
 
@@ -592,3 +633,5 @@ class ShardedWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self._growing is not None:  # let a thread following the file finish
+            self._growing.advance(self._pos, done=True)
