@@ -17,7 +17,9 @@ which Linux carries across fork and exec), and the peak of its anonymous residen
 every 5 ms: resident memory that is not file pages, so that mergekit's memory-mapped input pages, which the
 kernel can drop at any time, are not counted as its working memory). The floor rows are the same process
 importing torch and the merge library and merging nothing. Before the timed runs every input file is read
-once, so that both tools find the inputs in the page cache.
+before every run, so that every run finds the inputs in the page cache; each run's output is deleted after
+it (except the compared ones of the last repeat), and before each run the system's dirty pages are written
+back (os.sync), so that no run pays for another's writes or has its inputs evicted by them.
   llmx_cold: llmx.merge.paramdelta(post, base, new_base): fp32 arithmetic, bf16 output, SHA-256 of every
              input and output file computed (hash_cache=False), every file and directory fsync'ed before the
              output is renamed into place.
@@ -243,6 +245,7 @@ def worker(args) -> None:
 def run_worker(python: str, tool: str, dirs: dict, out_dir: Path, shard_bytes: int, chunk_bytes=None) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    os.sync()  # every run starts with nothing of another's output waiting to be written back
     cmd = [python, str(Path(__file__).resolve()), "--_worker", tool, "--post", str(dirs["post"]),
            "--base", str(dirs["base"]), "--new-base", str(dirs["new_base"]), "--out-dir", str(out_dir),
            "--shard-bytes", str(shard_bytes)] + (["--chunk-bytes", str(chunk_bytes)] if chunk_bytes else [])
@@ -356,15 +359,19 @@ def main():
               if t in ("llmx", "mergekit")}
     for t, _ in tools:
         floors.setdefault(t, floors["llmx" if t.startswith("llmx") else "mergekit"])
+    compared = ("llmx", "mergekit")
     for r in range(args.repeats):
         for tool, py in tools:
+            warm(dirs)  # the inputs in the page cache for every run, whatever the runs before evicted
             res = run_worker(py, tool, dirs, work / f"out_{tool}", shard_bytes, args.chunk_bytes)
+            if r < args.repeats - 1 or tool not in compared or args.no_compare:
+                shutil.rmtree(work / f"out_{tool}")  # outputs left behind would crowd the inputs out of the cache
             runs[tool].append(res)
             log(f"repeat {r}: {tool}: {res['seconds']:.1f} s, {res['gb_per_s']:.3f} GB/s, "
                 f"peak RSS {res['vm_hwm_mb']:.0f} MB, peak RssAnon {res['rss_anon_peak_mb']:.0f} MB")
     cmp = None
     if not args.no_compare:
-        outs = {t: work / f"out_{t}" for t, _ in tools if t in ("llmx", "mergekit")}
+        outs = {t: work / f"out_{t}" for t, _ in tools if t in compared}
         cmp = compare(dirs, outs)
 
     med = {t: {k: statistics.median(x[k] for x in rs)
