@@ -816,6 +816,7 @@ def test_peak_resident_memory_does_not_grow_with_the_model(tmp_path):
     assert 0 < m["peak_rss_growth_bytes"] < model_bytes / 4
 
 
+@pytest.mark.slow  # a subprocess and 200 MB of inputs each (make test runs it)
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_ties_and_dare_hold_chunks_not_tensors(tmp_path, method):
     """One 64 MB bf16 tensor (256 MB as float32 deltas of 3 inputs): the old whole-tensor TIES and DARE rose

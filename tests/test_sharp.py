@@ -338,6 +338,10 @@ def test_recipe_refuses_bad_config_before_work(tmp_path):
                    "recovery_dtype='int8'", "holdout=1.5"]:
         assert needle in proc.stderr + proc.stdout, needle
     assert "original:" not in proc.stdout  # nothing evaluated or trained
+
+
+@pytest.mark.slow
+def test_recipe_refuses_the_prune_control_without_svd_init(tmp_path):
     prune = run_llmx(["run", "recipe=sharp_smollm2", f"output_root={tmp_path}", "sparsify.sharp.reference=prune"],
                      cwd=tmp_path, timeout=120)
     assert prune.returncode != 0 and "reference=prune needs init=svd" in prune.stderr + prune.stdout
