@@ -126,8 +126,7 @@ METHOD_PARAMS: Dict[str, Dict[str, Any]] = {
     "paramdelta": {"new_base": None},
 }
 NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "paramdelta")
-# Methods whose output entry depends only on the same entry of the inputs: computed in row chunks.
-ELEMENTWISE = ("paramdelta", "task_arithmetic", "linear")
+# Methods that need statistics of a whole tensor before merging it (methods.SparseMerge).
 SPARSE = ("ties", "dare_linear", "dare_ties")
 # Working memory the chunk size is chosen to fit (see Memory in the module docstring).
 MEMORY_BUDGET = 128 * 2**20
@@ -214,9 +213,11 @@ def merge(method: str, out_dir: PathLike, *, models: Sequence[Tuple[PathLike, fl
     dare_ties (llmx.merge.methods has the equations), or paramdelta (models=[(post, scale)], base=the old
     base, params={"new_base": path}; the same as paramdelta()). params, mergekit's names:
       task_arithmetic: lambda (1.0), normalize (False)     linear: normalize (True)
-      ties: density (1.0; a float or one per model), lambda (1.0), normalize (True)
-      dare_linear: density, lambda, rescale (True), normalize (False)
-      dare_ties: density, lambda, rescale (True), normalize (True)
+      ties: density (1.0; a float or one per model), lambda (1.0), normalize (True), zero_sign ("positive"
+            | "zero"), divisor ("signed" | "abs")
+      dare_linear: density, lambda, rescale (True: 1/density | False | "l1"), normalize (False)
+      dare_ties: density, lambda, rescale (True), normalize (True), zero_sign, divisor
+    (llmx.merge.methods documents each, and where the defaults follow mergekit or the papers.)
     base is required except for linear, which takes none. The DARE masks are seeded from (seed, tensor
     name, model index). config.json comes from config_from (default: base, else the first model),
     tokenizer files from tokenizer_from (default: the first model); excluded and non-float tensors are
