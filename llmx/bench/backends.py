@@ -54,7 +54,7 @@ BACKENDS = ("hf", "openai", "oracle")
 @dataclass
 class GenRequest:
     key: str  # unique per problem (the problem id)
-    prompt: str  # user message text
+    prompt: Any  # user message text, or a whole dialogue: a list of {"role", "content"} messages
     n: int = 1  # samples wanted for this problem
 
 
@@ -79,6 +79,15 @@ class Backend:
         clone = copy.copy(self)
         clone.temperature = float(temperature)
         return clone
+
+
+def chat_messages(prompt: Any, system_prompt: Optional[str]) -> List[Dict[str, str]]:
+    """The message list for a prompt that is one user message or already a dialogue, with the system
+    prompt first (unless the dialogue brings its own)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
 
 
 def _stop_list(stop: Any) -> List[str]:
@@ -221,15 +230,15 @@ class HFBackend(Backend):
             }
         return self._fingerprint
 
-    def render(self, prompt: str) -> List[int]:
-        """Token ids of the full model input for one user message."""
+    def render(self, prompt: Any) -> List[int]:
+        """Token ids of the full model input for one user message or a dialogue (list of messages)."""
         tok = self.tokenizer
         if self.use_chat_template:
-            messages = [{"role": "user", "content": prompt}]
-            if self.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(chat_messages(prompt, self.system_prompt), tokenize=False,
+                                           add_generation_prompt=True)
             return list(tok(text, add_special_tokens=False)["input_ids"])
+        if not isinstance(prompt, str):
+            raise LlmxError("hf backend: a dialogue (list of messages) needs a tokenizer with a chat template")
         if self.system_prompt:
             prompt = f"{self.system_prompt}\n\n{prompt}"
         return list(tok(prompt)["input_ids"])
@@ -458,12 +467,11 @@ class OpenAIBackend(Backend):
     def _body(self, prompt: str, n: int, seed: Optional[int]) -> Dict[str, Any]:
         body: Dict[str, Any] = {"model": self.model}
         if self.api == "chat":
-            messages = [{"role": "user", "content": prompt}]
-            if self.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            body["messages"] = messages
-        else:
+            body["messages"] = chat_messages(prompt, self.system_prompt)
+        elif isinstance(prompt, str):
             body["prompt"] = prompt
+        else:
+            raise LlmxError("openai backend: a dialogue (list of messages) needs api=chat")
         body.update(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, n=n)
         if seed is not None:
             body["seed"] = seed

@@ -564,6 +564,110 @@ class MergeConfig:
     demo: Optional[ParamDeltaDemoConfig] = None  # set: train the inputs first (paramdelta_tiny)
 
 
+class RLMethod(str, Enum):
+    zero_shot = "zero_shot"  # the policy as it is (after warmstart, if any)
+    rft = "rft"  # rejection fine-tuning: SFT on the successful trajectories
+    mtdpo = "mtdpo"  # multi-turn DPO on trajectory pairs, every agent turn, no critic
+    sweet = "sweet"  # SWEET-RL: critic with training-time information, per-turn DPO
+    sweet_no_info = "sweet_no_info"  # ablation: the critic never sees the reference solution
+    sweet_no_norm = "sweet_no_norm"  # ablation: advantages summed over a turn's tokens, not averaged
+    sweet_value = "sweet_value"  # ablation: a value-head critic (success from history + reference)
+
+
+class CriticNorm(str, Enum):
+    turn = "turn"  # Σ_t of each turn's mean token log-ratio (paper Eq. 2-3)
+    trajectory = "trajectory"  # one mean over all agent tokens of the trajectory (the reference code)
+    none = "none"  # summed log-ratios (the "w/o normalization" ablation)
+
+
+@dataclass
+class RLTasksConfig:
+    source: str = "generate"  # generate: llmx.rl.colbench's offline families; file: ColBench JSONL files
+    train_path: Optional[str] = None  # source=file: official backend_tasks/train.jsonl (or our own)
+    test_path: Optional[str] = None  # source=file: the first `n_test` records are the test set
+    seed: int = 0  # generation seed; the splits below never share a task
+    n_warmstart: int = 0  # tasks whose scripted episodes warm-start a from-scratch policy by SFT
+    n_train: int = 5000  # offline-data tasks (collected `collect.copies` times)
+    n_test: int = 1000
+
+
+@dataclass
+class RLAgentConfig:
+    backend: str = "hf"  # hf: the model group's model, locally; openai: a served copy (collection only)
+    system_prompt: Optional[str] = None  # null: llmx.rl.colbench.AGENT_SYSTEM_PROMPT
+    temperature: float = 1.0  # the reference samples the agent at 1.0 (collection and evaluation)
+    max_new_tokens: int = 1024
+    batch_size: int = 32
+    base_url: Optional[str] = None
+    model_name: Optional[str] = None
+    concurrency: int = 64
+
+
+@dataclass
+class RLEnvConfig:
+    max_rounds: int = 10
+    reply_chars: int = 400
+    end_marker: str = "I WANT TO ANSWER:"
+    simulator: str = "rule"  # rule: deterministic, from the hidden slots (generated tasks); llm: the evaluator group
+    call_timeout_s: float = 1.0  # per test call, as the reference's alarm(1)
+    memory_mb: int = 512
+    workers: int = 2  # sandboxed evaluations in parallel
+
+
+@dataclass
+class RLWarmstartConfig:
+    ask_prob: float = 0.5  # the scripted collaborator asks each hidden detail with this probability
+    junk_prob: float = 0.1
+    vocab_size: int = 1024
+    steps: int = 0  # 0: no warm start (a pretrained instruct policy)
+    lr: float = 3e-3
+    batch_size: int = 32
+
+
+@dataclass
+class RLTrainConfig:
+    """One training stage (critic, actor, rft, mtdpo): Table 5's columns."""
+
+    lr: float = 2e-7
+    beta: float = 0.1
+    nll: float = 0.01
+    batch_size: int = 8
+    micro_batch_size: int = 1
+    epochs: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class RLCriticConfig(RLTrainConfig):
+    epochs: float = 4.0
+    normalize: CriticNorm = CriticNorm.turn
+    info_template: str = "In light that the final answer is:\n{ground_truth}"
+    # The reference term of Eq. 3 conditions on c (paper); the reference code scores without it (config).
+    reference_with_info: bool = True
+    value_pairs_per_trajectory: int = 0  # value-head critic: turns per trajectory used (0: all)
+
+
+@dataclass
+class RLConfig:
+    methods: List[RLMethod] = field(default_factory=lambda: [RLMethod.zero_shot, RLMethod.rft, RLMethod.mtdpo,
+                                                             RLMethod.sweet])
+    tasks: RLTasksConfig = field(default_factory=RLTasksConfig)
+    agent: RLAgentConfig = field(default_factory=RLAgentConfig)
+    env: RLEnvConfig = field(default_factory=RLEnvConfig)
+    warmstart: RLWarmstartConfig = field(default_factory=RLWarmstartConfig)
+    copies: int = 3  # offline episodes per training task (the reference: 15k = 5k tasks x 3)
+    critic: RLCriticConfig = field(default_factory=RLCriticConfig)
+    candidates: int = 16  # per sampled turn (§4.3)
+    data_fraction: float = 0.1  # share of trajectories whose turns are resampled (the reference's 10%)
+    pairs_per_turn: int = 4
+    actor: RLTrainConfig = field(default_factory=lambda: RLTrainConfig(epochs=1.0))
+    rft: RLTrainConfig = field(default_factory=lambda: RLTrainConfig(batch_size=32, epochs=4.0, nll=1.0))
+    mtdpo: RLTrainConfig = field(default_factory=lambda: RLTrainConfig(epochs=4.0))
+    mtdpo_normalize: CriticNorm = CriticNorm.none  # summed log-ratio over every agent token (standard DPO)
+    best_of_n: List[int] = field(default_factory=list)  # critic-selected best-of-N probe (Fig. 3a), e.g. [1, 4, 16]
+    eval_copies: int = 1  # episodes per test task
+
+
 @dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
@@ -588,6 +692,7 @@ class LlmxConfig:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

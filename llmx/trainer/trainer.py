@@ -70,8 +70,12 @@ def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def count_targets(batch) -> int:
+    """What a micro-batch's summed loss is divided by: its target tokens, or what a loss function says
+    (batch["n_targets"]: pairs for a preference loss, masked tokens for a multi-turn SFT loss)."""
     if torch.is_tensor(batch):
         return batch.shape[0] * (batch.shape[1] - 1)
+    if "n_targets" in batch:
+        return int(batch["n_targets"])
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
