@@ -1,0 +1,1 @@
+"""Multi-turn RL for LLM agents: SWEET-RL on ColBench (environment, simulators, sandbox, losses)."""
