@@ -187,11 +187,10 @@ def ask(text):
     return [{"role": "user", "content": "task"}, {"role": "assistant", "content": text}]
 
 
-def test_rule_simulator_questions_hit_their_own_slot_only(tasks):
+def test_rule_simulator_questions_hit_their_own_slot_only():
     sim = RuleSimulator()
-    by_family = {t.family: t for t in tasks}
     for name, fam in FAMILIES.items():
-        t = by_family[name]
+        t = generate_tasks(1, 0, families=[name], verify=False)[0]
         for slot in fam.slots:
             want = slot.reply.format(value=t.hidden[slot.name])
             assert str(t.hidden[slot.name]) in want
@@ -339,3 +338,62 @@ def test_llm_simulator_unreachable_server_named():
     url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(LlmxError, match=re.escape(f"simulator server {url}/models is unreachable")):
         LLMSimulator(OpenAIBackend(url, "m"), check_timeout_s=2.0)
+
+
+def test_llm_simulator_server_check_status():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from llmx.bench.backends import OpenAIBackend
+
+    class Handler(BaseHTTPRequestHandler):
+        status = 404
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(self.status if self.path == "/v1/models" else 500)
+            self.end_headers()
+            self.wfile.write(b'{"data": []}')
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        with pytest.raises(LlmxError, match=re.escape(f"simulator server {url}/models answered HTTP 404")):
+            LLMSimulator(OpenAIBackend(url, "m"))
+        Handler.status = 200
+        sim = LLMSimulator(OpenAIBackend(url, "m", temperature=0.7))
+        assert sim.backend.temperature == 0.0 and sim.backend.system_prompt == "You are a helpful assistant."
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_scripted_turns_shape_and_rates(tasks):
+    t = tasks[0]
+    fam = FAMILIES[t.family]
+    a = scripted_turns(t, random.Random(5), ask_prob=0.5, junk_prob=0.5)
+    assert a == scripted_turns(t, random.Random(5), ask_prob=0.5, junk_prob=0.5)
+    assert a[-1].startswith(END_MARKER + "\n") and all(END_MARKER not in x for x in a[:-1])
+    assert len(scripted_turns(t, random.Random(0), ask_prob=0.0, junk_prob=0.0)) == 1
+    full = scripted_turns(t, random.Random(0), ask_prob=1.0, junk_prob=0.0, paraphrase=False)
+    assert sorted(full[:-1]) == sorted(s.questions[0] for s in fam.slots)
+    assert len(scripted_turns(t, random.Random(0), ask_prob=1.0, junk_prob=1.0, max_rounds=4)) == 4
+    # Over many tasks, in lockstep through step_many: asking everything always succeeds, asking nothing rarely.
+    for ask_prob, check in ((1.0, lambda s: s == 1.0), (0.0, lambda s: s < 0.5)):
+        rng = random.Random(1)
+        scripts = [scripted_turns(x, rng, ask_prob=ask_prob) for x in tasks[:20]]
+        sim = RuleSimulator()
+        envs = [CollabEnv(sim) for _ in scripts]
+        for e, x in zip(envs, tasks):
+            e.reset(x)
+        rewards = {}
+        for k in range(max(map(len, scripts))):
+            live = [i for i in range(len(envs)) if i not in rewards]
+            for i, (_, r, done) in zip(live, step_many([envs[i] for i in live], [scripts[i][k] for i in live])):
+                if done:
+                    rewards[i] = r
+        assert len(rewards) == 20
+        assert check(sum(r == 1.0 for r in rewards.values()) / 20), ask_prob

@@ -395,6 +395,66 @@ _family(Family(
     lambda r: (_pick(r, 1, 300, (1, 2, 4, 6, 10, 49, 50, 99, 100, 149, 150, 199, 200)), r.random() < 0.5),
 ))
 
+_family(Family(
+    "late_fee", "late_fee(days)",
+    "returns the fee for returning a library book some days late.",
+    "def late_fee(days):\n"
+    "    if days <= {grace}:\n"
+    "        return 0\n"
+    "    return min(days * {daily}, {cap})\n",
+    (
+        Slot("grace", (0, 1, 2, 3, 5), ("grace", "free"), ("Is there a grace period?", "Are the first days free?"),
+             "The first {value} days are free."),
+        Slot("daily", (1, 2, 3, 5), ("day", "daily", "per"), ("What is the fee per day?", "What is the daily fee?"),
+             "Each day costs {value}."),
+        Slot("cap", (10, 20, 30, 50), ("maximum", "max", "cap", "most"),
+             ("Is there a maximum fee?", "What is the most someone pays?"), "The fee is at most {value}."),
+    ),
+    lambda r: (_pick(r, 0, 40, (0, 1, 2, 3, 4, 5, 6)),),
+))
+
+_family(Family(
+    "speed_fine", "speed_fine(over, school)",
+    "returns the fine for driving some km/h over the speed limit, maybe near a school.",
+    "def speed_fine(over, school):\n"
+    "    if over <= {tolerance}:\n"
+    "        return 0\n"
+    "    fine = over * {per_unit}\n"
+    "    if school:\n"
+    "        fine = fine * {school_mult}\n"
+    "    return fine\n",
+    (
+        Slot("tolerance", (0, 2, 3, 5, 10), ("tolerance", "allowed"), ("Is there a tolerance?", "How much over is allowed?"),
+             "Up to {value} over is allowed."),
+        Slot("per_unit", (2, 3, 5, 10, 20), ("per", "each"),
+             ("What is the fine per km/h?", "How much for each km/h over?"), "Each km/h costs {value}."),
+        Slot("school_mult", (2, 3, 4), ("school",), ("What changes near a school?", "How much more in a school zone?"),
+             "Near a school the fine is times {value}."),
+    ),
+    lambda r: (_pick(r, 0, 40, (0, 1, 2, 3, 4, 5, 6, 10, 11)), r.random() < 0.5),
+))
+
+_family(Family(
+    "battery_label", "battery_label(percent)",
+    "returns a short label for the battery level of a phone.",
+    "def battery_label(percent):\n"
+    "    if percent < {warn}:\n"
+    "        return \"{warn_word}\"\n"
+    "    if percent >= {full}:\n"
+    "        return \"full\"\n"
+    "    return \"ok\"\n",
+    (
+        Slot("warn", (10, 15, 20, 25, 30), ("warning", "warn"),
+             ("Below what percent is there a warning?", "When should it warn?"), "Warn below {value} percent."),
+        Slot("warn_word", ("low", "empty", "red"), ("label", "called"),
+             ("What label shows when it is nearly empty?", "What is a nearly empty battery called?"),
+             "A nearly empty battery shows {value}."),
+        Slot("full", (80, 90, 95, 99), ("full",), ("From what percent is it full?", "When is the battery full?"),
+             "It is full from {value} percent."),
+    ),
+    lambda r: (_pick(r, 0, 100, (9, 10, 14, 15, 19, 20, 24, 25, 29, 30, 79, 80, 89, 90, 94, 95, 98, 99)),),
+))
+
 # Questions that no slot answers (the simulator says it does not know); they contain no slot keyword.
 JUNK_QUESTIONS = (
     "Should I add type hints?",
