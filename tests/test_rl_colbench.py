@@ -25,6 +25,7 @@ from llmx.rl.colbench import (
     score,
     scripted_turns,
 )
+from llmx.rl import env as env_module
 from llmx.rl.env import CollabEnv, step_many
 from llmx.rl.sandbox import run_many
 from llmx.rl.simulator import DONT_KNOW, LLMSimulator, RuleSimulator, render_dialogue
@@ -260,7 +261,7 @@ def test_env_max_rounds_truncation_and_finished_episode(tasks):
         env.step("more")
 
 
-def test_step_many_one_simulator_call(tasks):
+def test_step_many_one_simulator_call(tasks, monkeypatch):
     class Counting(RuleSimulator):
         calls = []
 
@@ -277,6 +278,19 @@ def test_step_many_one_simulator_call(tasks):
     assert sim.calls == [2]
     assert [o[1:] for o in out] == [(0.0, False), (1.0, True), (0.0, False), (0.0, True)]
     assert out[0][0][-1] == {"role": "user", "content": DONT_KNOW}
+    # Envs sharing a reference cache run each task's reference once, even within one batch.
+    cache = {}
+    envs = [CollabEnv(sim, expected_cache=cache) for _ in range(3)]
+    for e in envs:
+        e.reset(tasks[2])
+    code = f"{END_MARKER}\n{tasks[2].ground_truth}"
+    jobs = []
+    real = env_module.run_many
+    monkeypatch.setattr(env_module, "run_many", lambda js, *a, **k: jobs.append(len(js)) or real(js, *a, **k))
+    assert [o[1] for o in step_many(envs, [code, END_MARKER + "def f(): pass", code])] == [1.0, 0.0, 1.0]
+    assert jobs == [4] and list(cache) == [tasks[2].task_id]
+    envs[0].reset(tasks[2])
+    assert envs[0].step(code)[1] == 1.0 and jobs == [4, 1]
 
 
 # --- the LLM simulator ----------------------------------------------------------------------------------

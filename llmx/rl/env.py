@@ -23,7 +23,8 @@ Step = Tuple[List[Dict[str, str]], float, bool]
 
 class CollabEnv:
     def __init__(self, simulator: Any, *, max_rounds: int = MAX_ROUNDS, reply_chars: int = REPLY_CHARS,
-                 end_marker: str = END_MARKER, limits: Limits = Limits()):
+                 end_marker: str = END_MARKER, limits: Limits = Limits(),
+                 expected_cache: Optional[Dict[str, List[CallResult]]] = None):
         if max_rounds < 1:
             raise LlmxError(f"max_rounds={max_rounds} must be >= 1")
         if reply_chars < 1:
@@ -33,7 +34,9 @@ class CollabEnv:
         self.reply_chars = reply_chars
         self.end_marker = end_marker
         self.limits = limits
-        self.expected_cache: Dict[str, List[CallResult]] = {}  # task_id -> the reference's outputs
+        # task_id -> the reference's outputs; pass one dict to many envs (best-of-n rollouts of one task)
+        # so that each reference runs once.
+        self.expected_cache = {} if expected_cache is None else expected_cache
         self.task: Optional[Task] = None
         self.messages: List[Dict[str, str]] = []
         self.rounds = 0
@@ -65,12 +68,16 @@ class CollabEnv:
             return True
         return False
 
-    def _jobs(self) -> List[Tuple[str, List[str]]]:
-        """Sandbox jobs to score the answer: the answer, and the reference unless cached."""
+    def _jobs(self, scheduled: Optional[set] = None) -> List[Tuple[str, List[str]]]:
+        """Sandbox jobs to score the answer: the answer, and the reference unless it is cached or
+        `scheduled` (cache, task) pairs say an earlier env of the batch runs it into the same cache."""
         calls = list(self.task.test_cases.values())
         jobs = [(self.answer, calls)]
-        if self.task.task_id not in self.expected_cache:
+        key = (id(self.expected_cache), self.task.task_id)
+        if self.task.task_id not in self.expected_cache and key not in (scheduled or ()):
             jobs.append((self.task.ground_truth, calls))
+            if scheduled is not None:
+                scheduled.add(key)
         return jobs
 
     def _finish(self, results: List[Any]) -> Step:
@@ -102,10 +109,10 @@ def step_many(envs: Sequence[CollabEnv], turns: Sequence[str], workers: int = 2)
     ended = [e._take(t) for e, t in zip(envs, turns)]
     going = [e for e, end in zip(envs, ended) if not end]
     replies = iter(envs[0].simulator.replies([(e.task, e.messages) for e in going]) if going else [])
-    jobs, spans = [], []
+    jobs, spans, scheduled = [], [], set()
     for e, end in zip(envs, ended):
         if end:
-            js = e._jobs()
+            js = e._jobs(scheduled)
             spans.append((len(jobs), len(js)))
             jobs += js
     results = run_many(jobs, envs[0].limits, workers=workers) if jobs else []

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from llmx.bench.backends import Backend, GenRequest, OpenAIBackend
 from llmx.rl.colbench import FAMILIES, Task
@@ -96,13 +96,14 @@ def render_dialogue(messages: Sequence[Dict[str, str]]) -> str:
     return "\n\n".join(turns + ["human:"])
 
 
-def check_server(base_url: str, timeout_s: float = 5.0) -> None:
+def check_server(base_url: str, api_key: Optional[str] = None, timeout_s: float = 5.0) -> None:
     """Raise LlmxError naming the URL when the OpenAI-compatible server does not answer GET /models."""
     import httpx
 
     url = f"{base_url.rstrip('/')}/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(url, timeout=timeout_s)
+        r = httpx.get(url, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as e:
         raise LlmxError(f"simulator server {url} is unreachable ({type(e).__name__}: {e}); start it or fix "
                         f"the base_url") from None
@@ -116,7 +117,7 @@ class LLMSimulator:
     def __init__(self, backend: Backend, *, prompt: str = SIMULATOR_PROMPT,
                  system_prompt: str = SIMULATOR_SYSTEM_PROMPT, check: bool = True, check_timeout_s: float = 5.0):
         if check and isinstance(backend, OpenAIBackend):
-            check_server(backend.base_url, check_timeout_s)
+            check_server(backend.base_url, backend.api_key, check_timeout_s)
         self.backend = _configured(backend, system_prompt)
         self.prompt = prompt
 
