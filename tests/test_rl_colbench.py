@@ -54,7 +54,8 @@ def write_lines(path, lines):
 
 @pytest.mark.parametrize("bad, pattern", [
     ("{not json", r"bad\.jsonl:2: not valid JSON"),
-    (json.dumps({k: v for k, v in official().items() if k != "ground_truth"}), r"bad\.jsonl:2: missing field 'ground_truth'"),
+    (json.dumps({k: v for k, v in official().items() if k != "ground_truth"}),
+     r"bad\.jsonl:2: missing field 'ground_truth'"),
     (json.dumps(official(test_cases=["f(1)"])), r"bad\.jsonl:2: field 'test_cases' must be a non-empty dict"),
     (json.dumps(official(test_cases="[1, 2")), r"bad\.jsonl:2: field 'test_cases' is a string but not JSON"),
     (json.dumps(official(test_cases={"t": 3})), r"bad\.jsonl:2: field 'test_cases': 't' is not a call string"),
@@ -67,7 +68,8 @@ def test_loader_errors_name_file_line_field(tmp_path, bad, pattern):
 
 
 def test_official_record_and_round_trip(tmp_path, tasks):
-    path = write_lines(tmp_path / "official.jsonl", [json.dumps(official()), "", json.dumps(official(test_cases={"a": "f(0)"}))])
+    lines = [json.dumps(official()), "", json.dumps(official(test_cases={"a": "f(0)"}))]
+    path = write_lines(tmp_path / "official.jsonl", lines)
     got = load_tasks(path)
     assert [t.test_cases for t in got] == [{"test1": "f(1)", "test2": "f(2)"}, {"a": "f(0)"}]
     assert got[0].task_id.startswith("task-") and got[0].family is None and got[0].hidden == {}
@@ -174,8 +176,8 @@ def test_generator_sandbox_check_rejects_a_reference_that_fails_there(monkeypatc
     monkeypatch.setattr(colbench, "render", lambda f, v: "LEAK = 0\n" + f.template.format(**v)
                         if f.name == "leaky" else f.template.format(**v))
     monkeypatch.setattr(colbench, "make_task", lambda f, h, tests: Task(
-        colbench._task_id(f.name, h), "d", f.template.format(**h), {f"t{i}": colbench._call(f, a) for i, a in enumerate(tests)},
-        f.name, dict(h)))
+        colbench._task_id(f.name, h), "d", f.template.format(**h),
+        {f"t{i}": colbench._call(f, a) for i, a in enumerate(tests)}, f.name, dict(h)))
     with pytest.raises(LlmxError, match=r"the reference fails in the sandbox: NameError"):
         generate_tasks(2, 0, families=["leaky"])
     assert len(generate_tasks(2, 0, families=["leaky"], verify=False)) == 2

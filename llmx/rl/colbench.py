@@ -24,6 +24,16 @@ slots: candidate values, keywords for the rule-based simulator, 2-3 question par
 Test inputs are chosen per task so that changing any one slot to any other candidate changes at least
 one of the 10 outputs (checked in-process on our own trusted templates); a kept task's reference then
 also passes its own tests in the sandbox with non-None outputs.
+
+How tests are chosen (the paper's generator asks the LLM for 10 tests; ours are computed): 60 distinct
+random inputs per task (half of the threshold-like arguments drawn at candidate thresholds, where >= and >
+differ), then greedily the input that tells the most not-yet-told one-slot alternatives apart, until all
+are told (else the assignment is skipped), filled up to 10 with the remaining random inputs, shuffled.
+
+Difficulty: an agent that asks each slot with probability p and guesses the others uniformly succeeds
+with probability prod_slots (p + (1 - p) / k_slot); with 3-4 slots of 2-5 candidates that is ~20% at
+p = 0.5 (the design's target is 20-30%) and 100% when every slot is asked. All 11 families together hold
+1393 distinct verified tasks (seed 0), so splits of up to ~1400 tasks have no duplicates.
 """
 
 from __future__ import annotations
@@ -112,7 +122,8 @@ class Task:
             raise LlmxError(f"{where}: field 'family' must be a string")
         task_id = d.get("task_id")
         if task_id is None:
-            task_id = "task-" + hashlib.sha256((d["problem_description"] + "\0" + d["ground_truth"]).encode()).hexdigest()[:12]
+            content = (d["problem_description"] + "\0" + d["ground_truth"]).encode()
+            task_id = "task-" + hashlib.sha256(content).hexdigest()[:12]
         return Task(str(task_id), d["problem_description"], d["ground_truth"], {str(k): v for k, v in tests.items()},
                     family, dict(hidden))
 
@@ -249,7 +260,8 @@ _family(Family(
     "        price = price - {discount}\n"
     "    return price\n",
     (
-        Slot("child_age", (6, 10, 12, 14), ("age", "old"), ("What age counts as a child?", "How old is a child at most?"),
+        Slot("child_age", (6, 10, 12, 14), ("age", "old"),
+             ("What age counts as a child?", "How old is a child at most?"),
              "Children are under {value} years old."),
         Slot("child_price", (0, 2, 4, 5), ("children", "kids"), ("How much do children pay?", "What do kids pay?"),
              "Children pay {value}."),
@@ -276,9 +288,11 @@ _family(Family(
     (
         Slot("a_cut", (85, 90, 95), ("an a", "top"), ("What score gets an A?", "What is the cutoff for the top grade?"),
              "An A needs {value} or more."),
-        Slot("b_cut", (70, 75, 80), ("a b", "second"), ("What score gets a B?", "What is the cutoff for the second grade?"),
+        Slot("b_cut", (70, 75, 80), ("a b", "second"),
+             ("What score gets a B?", "What is the cutoff for the second grade?"),
              "A B needs {value} or more."),
-        Slot("pass_cut", (40, 50, 60), ("pass", "passing", "a c"), ("What is the lowest passing score?", "What score gets a C?"),
+        Slot("pass_cut", (40, 50, 60), ("pass", "passing", "a c"),
+             ("What is the lowest passing score?", "What score gets a C?"),
              "A C needs {value} or more."),
         Slot("fail", ("F", "D", "E"), ("fail", "failing", "below"),
              ("What does a failing score get?", "What letter do failing scores get?"), "Failing scores get {value}."),
@@ -297,7 +311,8 @@ _family(Family(
     (
         Slot("free_hours", (0, 1, 2, 3, 4), ("free",), ("How many hours are free?", "Is some time free?"),
              "The first {value} hours are free."),
-        Slot("hourly", (2, 3, 4, 5, 6), ("hourly", "rate"), ("What is the hourly rate?", "What is the rate after that?"),
+        Slot("hourly", (2, 3, 4, 5, 6), ("hourly", "rate"),
+             ("What is the hourly rate?", "What is the rate after that?"),
              "Each hour costs {value}."),
         Slot("max_fee", (10, 15, 20, 25, 30), ("maximum", "max", "cap", "most"),
              ("What is the maximum fee?", "Is there a cap on the fee?", "What is the most anyone pays?"),
@@ -346,7 +361,8 @@ _family(Family(
              "The base fee is {value}."),
         Slot("free", (50, 100, 150, 200), ("free", "included"),
              ("How many liters are free?", "How many liters are included?"), "The first {value} liters are free."),
-        Slot("rate", (1, 2, 3, 4), ("rate", "liter"), ("What is the rate per liter?", "What does each extra liter cost?"),
+        Slot("rate", (1, 2, 3, 4), ("rate", "liter"),
+             ("What is the rate per liter?", "What does each extra liter cost?"),
              "Each liter costs {value}."),
         Slot("summer_extra", (5, 10, 20), ("summer",), ("What changes in summer?", "How much more in summer?"),
              "Summer adds {value}."),
@@ -387,7 +403,8 @@ _family(Family(
              "The sale starts at price {value}."),
         Slot("percent", (5, 10, 20, 25), ("percent", "percentage"),
              ("What percent is taken off?", "What percentage is taken off?"), "The sale takes {value} percent off."),
-        Slot("coupon_value", (5, 10, 15), ("coupon",), ("How much is a coupon worth?", "What does the coupon take off?"),
+        Slot("coupon_value", (5, 10, 15), ("coupon",),
+             ("How much is a coupon worth?", "What does the coupon take off?"),
              "A coupon takes {value} off."),
         Slot("lowest", (0, 1, 5), ("lowest", "never", "negative"),
              ("What is the lowest possible price?", "Can the price go negative?"), "The price is never below {value}."),
@@ -424,7 +441,8 @@ _family(Family(
     "        fine = fine * {school_mult}\n"
     "    return fine\n",
     (
-        Slot("tolerance", (0, 2, 3, 5, 10), ("tolerance", "allowed"), ("Is there a tolerance?", "How much over is allowed?"),
+        Slot("tolerance", (0, 2, 3, 5, 10), ("tolerance", "allowed"),
+             ("Is there a tolerance?", "How much over is allowed?"),
              "Up to {value} over is allowed."),
         Slot("per_unit", (2, 3, 5, 10, 20), ("per", "each"),
              ("What is the fine per km/h?", "How much for each km/h over?"), "Each km/h costs {value}."),
@@ -480,10 +498,10 @@ class _Functions:
     """Our own templates compiled in-process (trusted code), one per assignment, for the cheap check."""
 
     def __init__(self) -> None:
-        self.cache: Dict[Tuple[str, Tuple[Any, ...]], Callable] = {}
+        self.cache: Dict[Tuple[str, str], Callable] = {}
 
     def get(self, family: Family, values: Dict[str, Any]) -> Callable:
-        key = (family.name, tuple(values[s.name] for s in family.slots))
+        key = (family.name, repr(tuple(values[s.name] for s in family.slots)))  # repr: 1 and True differ
         if key not in self.cache:
             ns: Dict[str, Any] = {}
             exec(render(family, values), ns)
