@@ -103,6 +103,7 @@ def test_generator_deterministic_unique_prefix(tasks):
     again = generate_tasks(40, seed=0, verify=False)
     assert again == tasks
     assert generate_tasks(10, seed=0, verify=False) == tasks[:10]
+    assert generate_tasks(3, seed=0, chunk=1) == tasks[:3]  # one sandbox child per reference
     other = generate_tasks(40, seed=1, verify=False)
     assert [t.task_id for t in other] != [t.task_id for t in tasks]
     keys = {(t.family, json.dumps(t.hidden, sort_keys=True)) for t in tasks}
@@ -178,8 +179,9 @@ def test_generator_sandbox_check_rejects_a_reference_that_fails_there(monkeypatc
     monkeypatch.setattr(colbench, "make_task", lambda f, h, tests: Task(
         colbench._task_id(f.name, h), "d", f.template.format(**h),
         {f"t{i}": colbench._call(f, a) for i, a in enumerate(tests)}, f.name, dict(h)))
-    with pytest.raises(LlmxError, match=r"the reference fails in the sandbox: NameError"):
-        generate_tasks(2, 0, families=["leaky"])
+    for chunk in (1, 100):
+        with pytest.raises(LlmxError, match=r"the reference fails in the sandbox: NameError"):
+            generate_tasks(2, 0, families=["leaky"], chunk=chunk)
     assert len(generate_tasks(2, 0, families=["leaky"], verify=False)) == 2
 
 

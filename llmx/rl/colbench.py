@@ -580,22 +580,29 @@ _RUNNER = (
 
 
 def _sandbox_check(tasks: List[Task], expected: List[List[Any]], limits: Limits, chunk: int) -> List[str]:
-    """"" for each task whose reference, run in the sandbox, reproduces the in-process outputs; else why."""
-    jobs = []
-    for i in range(0, len(tasks), chunk):
-        part = tasks[i:i + chunk]
-        jobs.append((_RUNNER, [f"run_task({t.ground_truth!r}, {list(t.test_cases.values())!r})" for t in part]))
-    results = run_many(jobs, limits)
+    """"" for each task whose reference, run in the sandbox, reproduces the in-process outputs; else why.
+    chunk > 1: that many tasks per child (each exec'd in its own namespace by run_task, one call per task);
+    chunk <= 1: one child per task, running the reference exactly as scoring does."""
+    if chunk <= 1:
+        per_task = []
+        for r in run_many([(t.ground_truth, list(t.test_cases.values())) for t in tasks], limits):
+            error = next((c.error for c in r.calls if not c.ok), r.error)
+            per_task.append((all(c.ok for c in r.calls), [c.value for c in r.calls], error))
+    else:
+        jobs = []
+        for i in range(0, len(tasks), chunk):
+            part = tasks[i:i + chunk]
+            jobs.append((_RUNNER, [f"run_task({t.ground_truth!r}, {list(t.test_cases.values())!r})" for t in part]))
+        per_task = [(c.ok, list(c.value) if c.ok else None, c.error or r.error)
+                    for r in run_many(jobs, limits) for c in r.calls]
     why = []
-    for r in results:
-        for c in r.calls:
-            i = len(why)
-            if not c.ok:
-                why.append(f"the reference fails in the sandbox: {c.error or r.error}")
-            elif list(c.value) != expected[i] or any(v is None for v in c.value):
-                why.append("the sandbox outputs differ from the in-process ones")
-            else:
-                why.append("")
+    for (ok, values, error), want in zip(per_task, expected):
+        if not ok:
+            why.append(f"the reference fails in the sandbox: {error}")
+        elif values != want or any(v is None for v in values):
+            why.append("the sandbox outputs differ from the in-process ones")
+        else:
+            why.append("")
     return why
 
 
