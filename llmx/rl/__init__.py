@@ -1,0 +1,1 @@
+"""SWEET-RL on ColBench: sandboxed code execution, tasks, simulators, environment, losses (issue 13)."""
