@@ -5,10 +5,13 @@ namespaces alone (hook off), and the fallback (rlimits + setsid + hook, no names
 shown to contain the attack by itself where it claims to.
 """
 
+import glob
 import math
 import os
 import signal
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 from dataclasses import replace
@@ -145,12 +148,20 @@ def test_fork_bomb(limits):
 
 @pytest.mark.parametrize("limits", CONFIGS)
 def test_writes_outside_temp_dir(limits):
-    names = [os.path.join(WORKTREE, f"sandbox-escape-{uuid.uuid4().hex}"), f"/tmp/sandbox-escape-{uuid.uuid4().hex}"]
+    # the worktree, /tmp, the standard library (a planted module would run in the parent later) and a
+    # system directory that is neither hidden nor private (only the read-only remount protects it)
+    dirs = [WORKTREE, "/tmp", os.path.dirname(os.__file__), "/usr/local"]
+    names = [os.path.join(d, f"sandbox_escape_{uuid.uuid4().hex}.py") for d in dirs]
     code = "def put(p):\n    with open(p, 'w') as f:\n        f.write('x')\n    return 1\n"
-    result = run(code, [f"put({p!r})" for p in names] + ["put('inside.txt')"], limits)
-    for p in names:
-        assert not os.path.exists(p)
-    assert result.calls[2].value == 1  # the private temp dir is writable
+    try:
+        result = run(code, [f"put({p!r})" for p in names] + ["put('inside.txt')"], limits)
+        escaped = [p for p in names if os.path.exists(p)]
+    finally:
+        for p in names:
+            if os.path.exists(p):
+                os.remove(p)
+    assert escaped == []
+    assert result.calls[-1].value == 1  # the private temp dir is writable
 
 
 @pytest.mark.parametrize("limits", CONFIGS)
@@ -179,7 +190,8 @@ def test_no_network(limits):
     server.listen(1)
     server.settimeout(0.2)
     port = server.getsockname()[1]
-    code = ("def connect(port):\n    import socket\n    s = socket.create_connection(('127.0.0.1', port), timeout=0.3)\n"
+    code = ("def connect(port):\n    import socket\n"
+            "    s = socket.create_connection(('127.0.0.1', port), timeout=0.3)\n"
             "    s.sendall(b'hello')\n    return 1\n")
     try:
         result = run(code, [f"connect({port})"], limits)
@@ -223,7 +235,8 @@ def test_run_many_in_order():
 
 
 def test_in_process_reference_way():
-    code = "def helper(x):\n    return x + 1\ndef f(x):\n    return helper(x)\ndef spin():\n    while True:\n        pass\n"
+    code = ("def helper(x):\n    return x + 1\ndef f(x):\n    return helper(x)\n"
+            "def spin():\n    while True:\n        pass\n")
     before = signal.getsignal(signal.SIGALRM)
     assert run_calls_in_process(code, ["f(1)", "1/0", "spin()", "f(2)"], timeout_s=0.2) == [2, None, None, 3]
     assert signal.getsignal(signal.SIGALRM) is before
@@ -233,3 +246,27 @@ def test_in_process_reference_way():
 def test_call_result_shape():
     result = run("", ["1"])
     assert result.calls[0] == CallResult(True, 1, None) and result.seconds > 0
+
+
+def _python313():
+    pyenv = os.path.expanduser("~/.pyenv/versions/3.13*/bin/python3.13")
+    candidates = [shutil.which("python3.13")] + sorted(glob.glob(pyenv))
+    for exe in filter(None, candidates):
+        try:
+            out = subprocess.run([exe, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True,
+                                 timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return None
+
+
+def test_python_313_child():
+    """PEP 667 (3.13) broke the reference's exec-then-eval inside a function; one explicit namespace works."""
+    exe = _python313()
+    if exe is None:
+        pytest.skip("no python3.13 on this machine")
+    code = "def helper(x):\n    return x * 3\ndef f(x):\n    return helper(x)\n"
+    result = run(code, ["f(2)", "__import__('sys').version_info[:2]"], Limits(python=exe))
+    assert result.calls[0].value == 6 and result.calls[1].value == (3, 13)

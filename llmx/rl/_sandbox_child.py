@@ -121,8 +121,9 @@ def _mount(libc, src, target, fstype, flags, data):
 
 def enter_namespaces(req, layers):
     """New user, mount, network, IPC, UTS and PID namespaces; root and every other mount read-only; private
-    tmpfs on /tmp (the cwd), /var/tmp, /dev/shm; the hidden dirs replaced by empty tmpfs except the Python
-    installation, bound back read-only. Returns in the grandchild, which is pid 1 of the new PID namespace."""
+    tmpfs on /tmp (the cwd), /var/tmp, /dev/shm; every top-level entry not in req["visible"] replaced by an empty
+    tmpfs (or /dev/null), except the Python installation, bound back read-only. Returns in the grandchild,
+    which is pid 1 of the new PID namespace."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -136,16 +137,24 @@ def enter_namespaces(req, layers):
         os.close(fd)
     layers += ["user_namespace", "mount_namespace", "net_namespace", "ipc_namespace", "uts_namespace"]
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE, None)
+    # Everything at the top level that is not in the visible list disappears: directories under an empty
+    # tmpfs, files under /dev/null. An allowlist, so that unknown directories on a machine are hidden too.
+    hidden, files = [], []
+    for name in sorted(os.listdir("/")):
+        p = "/" + name
+        if p in req["visible"] or os.path.islink(p):
+            continue
+        (hidden if os.path.isdir(p) else files).append(p)
     keep = []  # the Python installation inside a hidden dir: opened now, bound back after hiding
     for p in sorted(python_dirs()):
-        inside = any((p + "/").startswith(d.rstrip("/") + "/") for d in req["hide"])
+        inside = any((p + "/").startswith(d + "/") for d in hidden)
         if inside and not any((p + "/").startswith(k + "/") for k, _ in keep):
             keep.append((p, os.open(p, os.O_RDONLY | os.O_DIRECTORY)))
-    hidden = []
-    for d in req["hide"]:
-        if os.path.isdir(d) and not os.path.islink(d):
-            _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-            hidden.append(d)
+    for d in hidden:
+        _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+    for f in files:
+        if libc.mount(b"/dev/null", f.encode(), None, MS_BIND, None) == 0:
+            hidden.append(f)
     for p, fd in keep:
         os.makedirs(p, exist_ok=True)
         _mount(libc, "/proc/self/fd/%d" % fd, p, None, MS_BIND | MS_REC, None)
@@ -154,13 +163,19 @@ def enter_namespaces(req, layers):
     ro = 0
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
-    for p in points:
+    bound = [k for k, _ in keep]
+
+    def shadowed(p):  # under a hidden dir (unreachable, cannot be remounted) or under /proc
         if p == "/proc" or p.startswith("/proc/"):
-            continue
+            return True
+        return any(p.startswith(d + "/") for d in hidden) and not any((p + "/").startswith(k + "/") for k in bound)
+
+    points = [p for p in points if not shadowed(p)]
+    for p in points:
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
         ro += libc.mount(None, p.encode(), None, flags, None) == 0
     if ro:
-        layers.append("read_only_mounts:%d/%d" % (ro, len(points) - sum(p.startswith("/proc") for p in points)))
+        layers.append("read_only_mounts:%d/%d" % (ro, len(points)))
     size = "size=%dk,mode=1777" % max(64, req["limits"]["tmp_kb"])
     for d in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(d):

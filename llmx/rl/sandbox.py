@@ -14,13 +14,15 @@ What `run_calls` does instead, per evaluation (one child process runs the code o
   with ONE explicit globals dict, so helper functions defined by the code resolve on Python 3.13 too (PEP 667
   broke the reference's exec-in-a-function on 3.13).
 * Operating-system isolation when the machine allows unprivileged user namespaces (probed once, cached; see
-  `isolation()`): new user, mount, network, PID, IPC and UTS namespaces (ctypes `unshare(2)` in the child:
-  measured cheaper than the `unshare` binary, which costs an extra exec and cannot set up the mounts). In them:
-  every mount re-mounted read-only; `/root`, `/home`, `/work`, `/mnt`, `/srv`, `/opt` and the user's home
-  replaced by empty tmpfs (`Limits.hidden_dirs`), the Python installation bound back read-only so that the
-  standard library still imports; private tmpfs on /tmp (the cwd, `Limits.tmp_kb`), /var/tmp, /dev/shm, gone
-  with the namespace; no network interface but a down loopback; the code runs as pid 1 of its own PID
-  namespace (it cannot see or signal host processes; the parent's SIGKILL of the child takes the namespace).
+  `isolation()`): new user, mount, network, PID, IPC and UTS namespaces, made by the child itself with ctypes
+  `unshare(2)` (the `unshare` binary costs +2.0 ms per start for the namespaces alone, measured, but cannot make
+  the mounts below, which need ctypes anyway: +~4.5 ms in the child for everything). In them: every top-level
+  entry of / that is not in `Limits.visible_dirs` (/usr, /bin, /lib*, /sbin, /dev, /proc, /tmp) is hidden under
+  an empty tmpfs (files under /dev/null), so /root, /home, /work, /etc, /var, /opt, ... are empty; the Python
+  installation is bound back so the standard library still imports; then every reachable mount is re-mounted
+  read-only (nosuid, nodev); private tmpfs on /tmp (the cwd, `Limits.tmp_kb`), /dev/shm, gone with the
+  namespace; no network but a down loopback; the code runs as pid 1 of its own PID namespace with a fresh
+  /proc (it cannot see or signal host processes; the parent's SIGKILL of the child takes the namespace).
 * rlimits: RLIMIT_CPU (`cpu_s`, SIGXCPU), RLIMIT_AS (`memory_mb`: address space, not RSS, so a memory bomb gets
   MemoryError before it touches the pages), RLIMIT_NPROC (`nproc` extra processes; the kernel does NOT apply it
   when the child's uid outside the namespace is root, see below), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0.
@@ -39,20 +41,24 @@ What `run_calls` does instead, per evaluation (one child process runs the code o
 * A call that kills its child (os._exit, a C stack overflow, SIGXCPU) fails alone: the other calls run in a
   fresh child. The reference would have lost the whole evaluation (its process) instead.
 
-What is contained on this machine (Linux 6.18, util-linux 2.38, Python 3.11, running as root, 2026-12-06):
-all of the above layers are active (`isolation()` lists them). Not contained or weaker here:
+What is contained on this machine (Linux 6.18, util-linux 2.38, Python 3.11.7, running as root, 2026-12-06):
+every layer above is active (`isolation()["layers"]`), and tests/test_rl_sandbox.py shows each hostile case
+contained by the namespaces alone (hook off) and by the hook alone (no namespaces) as well as by both.
+Not contained, or weaker, here:
 
-* The user outside the namespace is root (uid 0), so RLIMIT_NPROC is ignored by the kernel: a fork bomb is
-  stopped by the audit hook (os.fork refused) and by the PID namespace (all die with pid 1 at the wall limit),
-  not by the rlimit. As an unprivileged user, RLIMIT_NPROC applies too.
-* Inside the namespace the code's uid maps to the caller's uid: files it can reach are those the read-only,
-  hidden-dirs view shows (e.g. /etc, /usr; not /root, /home, /work). It can read world-readable system files.
-* No cgroup limits (CPU share, memory RSS, pids.max): two children running at once compete for the 2 cores.
-* The code runs in the same interpreter as the harness, so it can forge its own results (e.g. write a fake
-  result line); that is no more than returning the values, and it cannot see other evaluations' results.
-* Without user namespaces (`Limits(namespaces=False)` or a machine that refuses them): only rlimits, setsid, an
-  empty environment, a private temp directory as cwd (deleted after) and the audit hook; no network or
-  filesystem isolation beyond the hook.
+* The caller is root (uid 0) and the code's uid maps to it, so the kernel ignores RLIMIT_NPROC: a fork bomb is
+  stopped by the audit hook (os.fork/subprocess/_posixsubprocess refused) and killed with the PID namespace,
+  not by the rlimit. For an unprivileged caller RLIMIT_NPROC applies as well (`isolation()["nproc_enforced"]`).
+* As mapped root the code may read whatever the visible part of the tree holds (/usr, /dev) and, without the
+  hook, any file there regardless of permissions; nothing visible is writable (read-only mounts).
+* No cgroup limits (CPU share, RSS, pids.max): RLIMIT_AS bounds each process's address space only, and two
+  children running at once compete for the cores.
+* The code runs in the same interpreter as the harness, so it can forge its own results (write a fake result
+  line); that is no more than returning those values, and it cannot see other evaluations.
+* Without user namespaces (`Limits(namespaces=False)`, or a machine that refuses them, e.g. Ubuntu 24.04's
+  AppArmor restriction, containers without CLONE_NEWUSER): rlimits, setsid, an empty environment, a private
+  temp directory as cwd (deleted after) and the audit hook only; no network or filesystem isolation beyond the
+  hook, which code that corrupts the interpreter can bypass.
 """
 
 from __future__ import annotations
@@ -93,7 +99,10 @@ class Limits:
     startup_s: float = 2.0  # allowance for the child's start (interpreter, namespaces) on a loaded machine
     namespaces: bool = True  # use Linux namespaces where the machine has them
     audit_hook: bool = True  # the second layer; off only to test the other layers alone
-    hidden_dirs: Tuple[str, ...] = ("/root", "/home", "/work", "/mnt", "/srv", "/opt")
+    # namespaces only: the top-level entries the code may see; every other one is hidden (empty tmpfs)
+    visible_dirs: Tuple[str, ...] = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/dev", "/proc",
+                                     "/tmp")
+    python: Optional[str] = None  # the child's interpreter; None: this one (sys.executable)
 
     def __post_init__(self):
         for name in ("call_timeout_s", "cpu_s", "wall_s", "memory_mb", "fsize_mb", "output_kb", "nofile",
@@ -105,6 +114,8 @@ class Limits:
             raise LlmxError(f"sandbox Limits.nproc={self.nproc!r}: must be an integer >= 0")
         if self.memory_mb < 64:
             raise LlmxError(f"sandbox Limits.memory_mb={self.memory_mb}: the interpreter needs at least 64")
+        if self.python is not None and not os.access(self.python, os.X_OK):
+            raise LlmxError(f"sandbox Limits.python={self.python!r}: not an executable file")
         if self.nofile < 16:
             raise LlmxError(f"sandbox Limits.nofile={self.nofile}: the interpreter needs at least 16")
 
@@ -220,14 +231,17 @@ class _Child:
 def _run_child(code: str, calls: Sequence[str], indices: Sequence[int], limits: Limits, deadline: float,
                namespaces: bool, output_left: int) -> _Child:
     req = {"code": code, "calls": list(calls), "indices": list(indices), "namespaces": namespaces,
-           "hide": list(_hidden_dirs(limits)),
-           "limits": {k: v for k, v in asdict(limits).items() if k != "hidden_dirs"}}
+           "visible": list(limits.visible_dirs),
+           "limits": {k: v for k, v in asdict(limits).items() if k not in ("visible_dirs", "python")}}
     tmp = None if namespaces else tempfile.mkdtemp(prefix="llmx-sandbox-")
     child = _Child([], None, None, {}, None, b"")
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", CHILD], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd=tmp or "/",
-                                start_new_session=True, close_fds=True)
+        try:
+            proc = subprocess.Popen([limits.python or sys.executable, "-I", "-S", "-B", CHILD],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={},
+                                    cwd=tmp or "/", start_new_session=True, close_fds=True)
+        except OSError as e:  # not the code's fault: every evaluation would silently score 0
+            raise LlmxError(f"sandbox: cannot start the child process: {e}") from e
         try:
             _talk(proc, marshal.dumps(req), child, indices, limits, deadline, output_left)
         finally:
@@ -310,14 +324,6 @@ def _take(line: bytes, child: _Child, indices) -> bool:
             child.results[i] = CallResult(False, None, str(msg.get("e", "error")))
         return True
     return False
-
-
-def _hidden_dirs(limits: Limits) -> List[str]:
-    home = os.path.expanduser("~")
-    dirs = list(limits.hidden_dirs)
-    if home not in ("", "/") and home not in dirs:
-        dirs.append(home)
-    return dirs
 
 
 # ---------------------------------------------------------------- public API
