@@ -190,6 +190,7 @@ def enter_namespaces(req, layers):
             os.kill(os.getpid(), sig)
         os._exit(os.waitstatus_to_exitcode(status))
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # the parent kills the middle process; pid 1 must follow
+    os.setsid()  # so that kill(0, ...) by the code reaches only itself, not the middle process
     layers.append("pid_namespace")
     try:
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV, None)

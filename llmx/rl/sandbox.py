@@ -299,6 +299,15 @@ def _talk(proc, request: bytes, child: _Child, indices, limits: Limits, deadline
                 for line in lines:
                     if _take(line, child, indices):
                         next_due = time.monotonic() + step
+                if child.defined is False or (child.defined and len(child.results) == len(indices)):
+                    # Done. A process the code left behind may hold the pipes open: take what is there.
+                    while open_fds and sel.select(0) and output_left > 0:
+                        more = os.read(proc.stderr.fileno(), 65536)
+                        if not more:
+                            break
+                        out.append(more[:output_left])
+                        output_left -= len(out[-1])
+                    return
     finally:
         sel.close()
         child.output = b"".join(out)
