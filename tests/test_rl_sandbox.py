@@ -135,6 +135,13 @@ def test_huge_output_truncated():
     assert result.calls[2].value == 5 and result.calls[0].error == "timeout"
 
 
+def test_file_size_limit():
+    code = "def write(n):\n    with open('big.bin', 'wb') as f:\n        f.write(b'x' * n)\n    return n\n"
+    result = run(code, ["write(1000)", "write(3 * 1024 * 1024)", "8"], Limits(fsize_mb=1.0))
+    assert result.calls[0].value == 1000 and not result.calls[1].ok and result.calls[2].value == 8
+    assert "File too large" in result.calls[1].error or "No space" in result.calls[1].error
+
+
 @pytest.mark.parametrize("limits", CONFIGS)
 def test_fork_bomb(limits):
     if not limits.audit_hook and not isolation()["nproc_enforced"]:

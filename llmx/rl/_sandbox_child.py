@@ -321,6 +321,7 @@ def main():
         raise CallTimeout()
 
     _signal.signal(_signal.SIGALRM, on_alarm)
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)  # a too-large file is an OSError of that call, not a kill
     if lim["audit_hook"]:
         install_audit_hook(tmp, python_dirs())
         layers.append("audit_hook")

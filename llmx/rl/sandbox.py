@@ -236,14 +236,17 @@ def _run_child(code: str, calls: Sequence[str], indices: Sequence[int], limits: 
     tmp = None if namespaces else tempfile.mkdtemp(prefix="llmx-sandbox-")
     child = _Child([], None, None, {}, None, b"")
     try:
+        stdin = _request_file(marshal.dumps(req))
         try:
-            proc = subprocess.Popen([limits.python or sys.executable, "-I", "-S", "-B", CHILD],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={},
-                                    cwd=tmp or "/", start_new_session=True, close_fds=True)
+            proc = subprocess.Popen([limits.python or sys.executable, "-I", "-S", "-B", CHILD], stdin=stdin,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd=tmp or "/",
+                                    start_new_session=True, close_fds=True)
         except OSError as e:  # not the code's fault: every evaluation would silently score 0
             raise LlmxError(f"sandbox: cannot start the child process: {e}") from e
+        finally:
+            os.close(stdin)
         try:
-            _talk(proc, marshal.dumps(req), child, indices, limits, deadline, output_left)
+            _talk(proc, child, indices, limits, deadline, output_left)
         finally:
             _kill(proc)
             proc.stdout.close()
@@ -256,12 +259,21 @@ def _run_child(code: str, calls: Sequence[str], indices: Sequence[int], limits: 
     return child
 
 
-def _talk(proc, request: bytes, child: _Child, indices, limits: Limits, deadline: float, output_left: int):
+def _request_file(request: bytes) -> int:
+    """The request as an in-memory file for the child's stdin: writing it can never block on a stuck child."""
     try:
-        proc.stdin.write(request)
-        proc.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass
+        fd = os.memfd_create("llmx-sandbox-request")
+    except (AttributeError, OSError):  # not Linux: an unlinked temporary file does the same
+        fd, path = tempfile.mkstemp(prefix="llmx-sandbox-")
+        os.unlink(path)
+    view = memoryview(request)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _talk(proc, child: _Child, indices, limits: Limits, deadline: float, output_left: int):
     step = limits.call_timeout_s + limits.grace_s
     next_due = time.monotonic() + limits.startup_s + step
     result_cap = (len(indices) + 3) * (limits.value_kb * 1024 + 4096)
@@ -301,7 +313,7 @@ def _talk(proc, request: bytes, child: _Child, indices, limits: Limits, deadline
                         next_due = time.monotonic() + step
                 if child.defined is False or (child.defined and len(child.results) == len(indices)):
                     # Done. A process the code left behind may hold the pipes open: take what is there.
-                    while open_fds and sel.select(0) and output_left > 0:
+                    while output_left > 0 and any(k.fileobj is proc.stderr for k, _ in sel.select(0)):
                         more = os.read(proc.stderr.fileno(), 65536)
                         if not more:
                             break
