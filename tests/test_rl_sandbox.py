@@ -104,6 +104,13 @@ def test_infinite_loop_in_definition():
     assert not result.defined and result.error == "timeout" and not result.calls[0].ok
 
 
+@pytest.mark.parametrize("limits", [FULL, HOOK_ONLY], ids=["full", "hook"])
+def test_cpu_limit(limits):
+    result = run("def spin():\n    while True:\n        pass\n", ["spin()", "1"],
+                 replace(limits, cpu_s=1, call_timeout_s=5))
+    assert result.calls[0].error == "cpu time limit" and result.calls[1].value == 1
+
+
 def test_wall_limit_kills_everything():
     code = "def spin():\n    while True:\n        pass\n"
     result = run(code, ["spin()"] * 10, Limits(call_timeout_s=0.4, wall_s=1.0), bound=3.0)

@@ -31,6 +31,10 @@ class CallTimeout(BaseException):
     """Raised by SIGALRM; a BaseException so that `except Exception` in the code does not swallow it."""
 
 
+class CpuLimit(BaseException):
+    """Raised by SIGXCPU (the soft RLIMIT_CPU): pid 1 of a PID namespace would ignore the default action."""
+
+
 class TooLarge(Exception):
     pass
 
@@ -101,6 +105,8 @@ def encode(v, budget):
 def short_error(e):
     if isinstance(e, CallTimeout):
         return "timeout"
+    if isinstance(e, CpuLimit):
+        return "cpu time limit"
     msg = "%s: %s" % (type(e).__name__, e) if str(e) else type(e).__name__
     return msg[:300]
 
@@ -186,7 +192,8 @@ def enter_namespaces(req, layers):
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            _signal.signal(sig, _signal.SIG_DFL)
+            if sig not in (_signal.SIGKILL, _signal.SIGSTOP):
+                _signal.signal(sig, _signal.SIG_DFL)
             os.kill(os.getpid(), sig)
         os._exit(os.waitstatus_to_exitcode(status))
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # the parent kills the middle process; pid 1 must follow
@@ -320,7 +327,11 @@ def main():
     def on_alarm(signum, frame):
         raise CallTimeout()
 
+    def on_xcpu(signum, frame):
+        raise CpuLimit()
+
     _signal.signal(_signal.SIGALRM, on_alarm)
+    _signal.signal(_signal.SIGXCPU, on_xcpu)
     _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)  # a too-large file is an OSError of that call, not a kill
     if lim["audit_hook"]:
         install_audit_hook(tmp, python_dirs())

@@ -23,8 +23,10 @@ What `run_calls` does instead, per evaluation (one child process runs the code o
   read-only (nosuid, nodev); private tmpfs on /tmp (the cwd, `Limits.tmp_kb`), /dev/shm, gone with the
   namespace; no network but a down loopback; the code runs as pid 1 of its own PID namespace with a fresh
   /proc (it cannot see or signal host processes; the parent's SIGKILL of the child takes the namespace).
-* rlimits: RLIMIT_CPU (`cpu_s`, SIGXCPU), RLIMIT_AS (`memory_mb`: address space, not RSS, so a memory bomb gets
-  MemoryError before it touches the pages), RLIMIT_NPROC (`nproc` extra processes; the kernel does NOT apply it
+* rlimits: RLIMIT_CPU (`cpu_s`; SIGXCPU fails the running call with "cpu time limit", since pid 1 of a PID
+  namespace would ignore its default action; the hard limit one second later kills the child), RLIMIT_AS
+  (`memory_mb`: address space, not RSS, so a memory bomb gets MemoryError before it touches the pages),
+  RLIMIT_NPROC (`nproc` extra processes; the kernel does NOT apply it
   when the child's uid outside the namespace is root, see below), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0.
 * An audit hook (PEP 578) installed before the code runs: refuses sockets, subprocess/exec/fork/spawn, os.kill,
   ctypes, the import of ctypes/socket/subprocess/threading/..., and file access outside the temp dir (reads are
@@ -42,15 +44,18 @@ What `run_calls` does instead, per evaluation (one child process runs the code o
   fresh child. The reference would have lost the whole evaluation (its process) instead.
 
 What is contained on this machine (Linux 6.18, util-linux 2.38, Python 3.11.7, running as root, 2026-12-06):
-every layer above is active (`isolation()["layers"]`), and tests/test_rl_sandbox.py shows each hostile case
-contained by the namespaces alone (hook off) and by the hook alone (no namespaces) as well as by both.
-Not contained, or weaker, here:
+every layer above is active (`isolation()["layers"]`). tests/test_rl_sandbox.py runs the file, network,
+signal, exit/crash and fork attacks three times: with the namespaces alone (hook off), with the hook alone (no
+namespaces) and with both; each configuration contains each of them by itself, except the fork bomb with the
+namespaces alone (as root nothing but the hook refuses fork; the test skips that case). Not contained, or
+weaker, here:
 
 * The caller is root (uid 0) and the code's uid maps to it, so the kernel ignores RLIMIT_NPROC: a fork bomb is
   stopped by the audit hook (os.fork/subprocess/_posixsubprocess refused) and killed with the PID namespace,
   not by the rlimit. For an unprivileged caller RLIMIT_NPROC applies as well (`isolation()["nproc_enforced"]`).
-* As mapped root the code may read whatever the visible part of the tree holds (/usr, /dev) and, without the
-  hook, any file there regardless of permissions; nothing visible is writable (read-only mounts).
+* As mapped root the code may read whatever the visible part of the tree holds (/usr, the bound-back Python
+  installation) regardless of file permissions, when the hook is off or bypassed; nothing visible is writable
+  (read-only mounts) and no device node can be opened (nodev; /dev/null included).
 * No cgroup limits (CPU share, RSS, pids.max): RLIMIT_AS bounds each process's address space only, and two
   children running at once compete for the cores.
 * The code runs in the same interpreter as the harness, so it can forge its own results (write a fake result
