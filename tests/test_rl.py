@@ -211,3 +211,179 @@ def test_trainer_normalises_a_pair_loss_by_pairs():
     assert count_targets({"input_ids": torch.zeros(6, 9, dtype=torch.long), "n_targets": 3}) == 3
     assert count_targets({"input_ids": torch.zeros(2, 3, dtype=torch.long),
                           "labels": torch.tensor([[-100, 1, 2], [-100, -100, 4]])}) == 3
+
+
+# --- the recipe end to end -------------------------------------------------------------------------------
+
+SMOKE = [
+    "recipe=sweet_rl_tiny", "logger.progress=false", "trainer.log_every=1",
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=2",
+    "model.num_key_value_heads=2",
+    "rl.tasks.n_warmstart=30", "rl.tasks.n_train=10", "rl.tasks.n_test=6",
+    "rl.warmstart.steps=4", "rl.warmstart.batch_size=8", "rl.warmstart.vocab_size=400",
+    "rl.agent.max_new_tokens=24", "rl.env.max_rounds=3", "rl.candidates=4", "rl.data_fraction=0.5",
+    "rl.critic.batch_size=4", "rl.critic.micro_batch_size=2", "rl.critic.epochs=1",
+    "rl.actor.batch_size=4", "rl.actor.micro_batch_size=4", "rl.rft.batch_size=2", "rl.rft.micro_batch_size=2",
+    "rl.mtdpo.batch_size=4", "rl.mtdpo.micro_batch_size=4", "rl.mtdpo.epochs=1",
+    "rl.methods=[zero_shot,rft,mtdpo,sweet,sweet_no_info,sweet_no_norm,sweet_value]", "rl.best_of_n=[2]",
+]
+
+
+@pytest.fixture(scope="module")
+def offline_file(tmp_path_factory):
+    """Scripted collaborators' episodes on tasks outside the smoke run's test split (3 per task, each asking
+    about each detail with probability 0.5), in the trajectory layout: some succeed, most do not."""
+    from llmx.rl.colbench import generate_tasks, scripted_turns
+    from llmx.rl.env import CollabEnv
+    from llmx.rl.rollout import trajectory_record
+    from llmx.rl.simulator import RuleSimulator
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("offline") / "trajectories.jsonl"
+    lines = []
+    for t in generate_tasks(60, seed=0)[20:]:
+        for c in range(3):
+            env = CollabEnv(RuleSimulator())
+            env.reset(t)
+            for turn in scripted_turns(t, rng, ask_prob=0.5):
+                _, reward, done = env.step(turn)
+                if done:
+                    break
+            lines.append(json.dumps(trajectory_record(f"{t.task_id}/{c}", t, env, reward)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(offline_file, tmp_path_factory):
+    from conftest import REPO, run_llmx
+
+    run = tmp_path_factory.mktemp("rl") / "single"
+    args = ["run", *SMOKE, f"rl.offline_data={offline_file}", f"hydra.run.dir={run}"]
+    run_llmx(args, cwd=REPO, timeout=600, check=True)
+    return run, args
+
+
+def test_sweet_rl_tiny_runs_every_stage_and_resumes(smoke_run):
+    from conftest import REPO, run_llmx
+
+    run, args = smoke_run
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["methods"]) == {"zero_shot", "rft", "mtdpo", "sweet", "sweet_no_info", "sweet_no_norm",
+                                       "sweet_value"}
+    for s in results["methods"].values():
+        assert s["episodes"] == 6 and 0 <= s["success_rate"] <= 1 and s["mean_turns"] >= 1
+    assert set(results["critics"]) == {"sweet", "sweet_no_info", "sweet_no_norm", "sweet_value"}
+    assert set(results["best_of_n"]) == {"critic/N=2", "critic_no_info/N=2"}
+    # Every actor trained on per-turn pairs ranked by its own critic; the candidates were sampled once.
+    ranks = {p.name: [json.loads(x) for x in (p / "pairs.jsonl").read_text().splitlines()] for p in run.glob("rank_*")}
+    assert len(ranks) == 4 and all(ranks.values())
+    assert len({json.dumps(v) for v in ranks.values()}) > 1  # different critics rank differently
+    assert "| sweet |" in (run / "results.md").read_text()
+    # A rerun in the same directory redoes nothing.
+    again = run_llmx(args, cwd=REPO, timeout=300, check=True)
+    assert "done in an earlier run" in again.stdout and " ...\n" not in again.stdout, again.stdout
+    assert json.loads((run / "results.json").read_text()) == results
+
+
+def test_bad_trajectory_file_and_unreachable_simulator_fail_before_work(tmp_path):
+    from conftest import REPO, run_llmx
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    proc = run_llmx(["run", "recipe=sweet_rl_tiny", f"rl.offline_data={bad}", f"hydra.run.dir={tmp_path / 'r1'}"],
+                    cwd=REPO)
+    assert proc.returncode != 0 and f"{bad}:1: not a trajectory record" in proc.stderr
+    assert not (tmp_path / "r1" / "tasks").exists()
+    proc = run_llmx(["run", "recipe=sweet_rl_tiny", "rl.env.simulator=llm", "evaluator=openai",
+                     "evaluator.base_url=http://127.0.0.1:9/v1", "evaluator.model_name=m",
+                     f"hydra.run.dir={tmp_path / 'r2'}"], cwd=REPO)
+    assert proc.returncode != 0 and "http://127.0.0.1:9/v1" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r2" / "tasks").exists()
+
+
+@pytest.mark.dist
+def test_training_stages_under_fsdp_match_one_process(smoke_run, offline_file, tmp_path):
+    """The warm start, the SWEET critic and multi-turn DPO trained by 2 FSDP2 ranks (torchrun, gloo) follow the
+    single-process run's losses: same global batches, same pair normalisation."""
+    from conftest import REPO, read_metrics, run_llmx
+
+    single, _ = smoke_run
+    fsdp = tmp_path / "fsdp"
+    proc = run_llmx(["run", *SMOKE, f"rl.offline_data={offline_file}", "rl.methods=[mtdpo,sweet]", "rl.best_of_n=[]",
+                     "rl.actor.micro_batch_size=2", "rl.mtdpo.micro_batch_size=2", "rl.rft.micro_batch_size=1",
+                     "launcher=torchrun", "launcher.nproc_per_node=2", f"hydra.run.dir={fsdp}"],
+                    cwd=REPO, timeout=600, check=True)
+    assert "torch.distributed.run" in proc.stdout
+    for stage in ("warmstart", "critic", "mtdpo"):
+        a, b = ({r["step"]: r["loss"] for r in read_metrics(run / stage) if "loss" in r} for run in (single, fsdp))
+        assert a and sorted(a) == sorted(b), stage
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-3), (stage, step)
+        assert json.loads((fsdp / stage / "final.json").read_text())["world_size"] == 2
+
+
+def test_scripted_default_guess_writes_each_unasked_slots_first_candidate():
+    from llmx.rl.colbench import END_MARKER, family_of, generate_tasks, render, scripted_turns
+
+    task = generate_tasks(5, seed=0)[3]
+    fam = family_of(task)
+    turns = scripted_turns(task, random.Random(0), ask_prob=0.0, junk_prob=0.0, guess="default")
+    assert turns == [f"{END_MARKER}\n{render(fam, {s.name: s.candidates[0] for s in fam.slots})}"]
+    asked = scripted_turns(task, random.Random(0), ask_prob=1.0, junk_prob=0.0, guess="default")
+    assert asked[-1] == f"{END_MARKER}\n{render(fam, task.hidden)}" and len(asked) == len(fam.slots) + 1
+    with pytest.raises(LlmxError, match="guess='mode'"):
+        scripted_turns(task, random.Random(0), guess="mode")
+
+
+def test_rollouts_against_an_openai_compatible_server_resume_without_replaying(tmp_path):
+    """Episodes with the agent behind an OpenAI-compatible chat endpoint (a local server playing a collaborator
+    that asks every hidden detail, then answers): every episode succeeds, the file has the reference's layout,
+    and a rerun over the same file sends no request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from llmx.bench.backends import OpenAIBackend
+    from llmx.rl.colbench import generate_tasks, scripted_turns
+    from llmx.rl.data import read_trajectories
+    from llmx.rl.env import CollabEnv
+    from llmx.rl.rollout import collect
+    from llmx.rl.simulator import RuleSimulator
+
+    tasks = generate_tasks(6, seed=0)
+    plans = {t.problem_description: scripted_turns(t, random.Random(0), ask_prob=1.0, junk_prob=0.0) for t in tasks}
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            msgs = body["messages"]
+            calls.append(body)
+            plan = plans[msgs[1]["content"]]  # [system, first user message, ...]
+            text = plan[sum(m["role"] == "assistant" for m in msgs)]
+            out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()
+    try:
+        agent = OpenAIBackend(f"http://127.0.0.1:{httpd.server_port}/v1", "agent", system_prompt="Ask, then answer.",
+                              temperature=1.0, concurrency=4)
+        sim = RuleSimulator()
+        path = tmp_path / "traj.jsonl"
+        records = collect(agent, lambda: CollabEnv(sim), tasks, 2, path)
+        assert len(records) == 12 and all(r["reward"] == 1.0 and r["answered"] for r in records)
+        assert calls[0]["messages"][0] == {"role": "system", "content": "Ask, then answer."}
+        assert [r["key"] for r in read_trajectories(path)] == [r["key"] for r in records]
+        n = len(calls)
+        again = collect(agent, lambda: CollabEnv(sim), tasks, 2, path)
+        assert len(calls) == n and again == records
+    finally:
+        httpd.shutdown()

@@ -618,6 +618,8 @@ class RLEnvConfig:
 class RLWarmstartConfig:
     ask_prob: float = 0.5  # the scripted collaborator asks each hidden detail with this probability
     junk_prob: float = 0.1
+    episodes_per_task: int = 1  # scripted episodes of each warm-start task (each its own draw of questions)
+    guess: str = "default"  # what the scripted agent writes for a detail it did not ask: default | random
     vocab_size: int = 1024
     steps: int = 0  # 0: no warm start (a pretrained instruct policy)
     lr: float = 3e-3
@@ -656,6 +658,9 @@ class RLConfig:
     env: RLEnvConfig = field(default_factory=RLEnvConfig)
     warmstart: RLWarmstartConfig = field(default_factory=RLWarmstartConfig)
     copies: int = 3  # offline episodes per training task (the reference: 15k = 5k tasks x 3)
+    # Train on an existing trajectory file (the reference's colbench_code_offline_15k_llama8b.jsonl, or one llmx
+    # wrote) instead of collecting: the collect stage validates and copies it.
+    offline_data: Optional[str] = None
     critic: RLCriticConfig = field(default_factory=RLCriticConfig)
     candidates: int = 16  # per sampled turn (§4.3)
     data_fraction: float = 0.1  # share of trajectories whose turns are resampled (the reference's 10%)

@@ -91,6 +91,12 @@ def check_config(cfg) -> None:
                             f"rl.{name}.micro_batch_size={t.micro_batch_size}")
         if t.epochs <= 0 or t.lr <= 0:
             raise LlmxError(f"rl.{name}: epochs={t.epochs} and lr={t.lr} must be > 0")
+    if r.offline_data:
+        from llmx.rl.data import read_trajectories
+
+        if not Path(r.offline_data).is_file():
+            raise LlmxError(f"rl.offline_data={r.offline_data!r}: no such file")
+        read_trajectories(r.offline_data)  # a file of another format fails here, naming the line
     if r.warmstart.steps and enum_value(cfg.model.source) != "preset":
         raise LlmxError("rl.warmstart.steps > 0 trains a policy from scratch: it needs a preset model (model.source=preset)")
     if not r.warmstart.steps and enum_value(cfg.model.source) == "preset":
@@ -144,8 +150,15 @@ class Run:
 
         return self.r.agent.system_prompt if self.r.agent.system_prompt is not None else AGENT_SYSTEM_PROMPT
 
-    def stage(self, name: str, upstream: Dict[str, Any], fn: Callable[[Path], Dict[str, Any]]) -> Dict[str, Any]:
-        """Run `fn(stage_dir)` unless stage.json says it ran with the same inputs; returns its summary."""
+    def stage(self, name: str, upstream: Dict[str, Any], fn: Callable[[Path], Dict[str, Any]],
+              all_ranks: bool = False) -> Dict[str, Any]:
+        """Run `fn(stage_dir)` unless stage.json says it ran with the same inputs; returns its summary.
+
+        Under torchrun only training stages (all_ranks) run on every rank; data stages (rollouts, sampling,
+        ranking, evaluation) run on rank 0 while the others wait. At scale, run the data stages in one process
+        and the training stages under torchrun, in the same run directory: each finds the other's stages done."""
+        from llmx.trainer.distributed import barrier
+
         d = self.dir / name
         key = sha256_text(json.dumps(upstream, sort_keys=True, default=str))
         marker = d / "stage.json"
@@ -156,14 +169,17 @@ class Run:
             self.say(f"{name}: done in an earlier run")
             return done["summary"]
         d.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        self.say(f"{name} ...")
-        summary = fn(d)
-        summary["seconds"] = round(time.perf_counter() - t0, 2)
-        if self.info.is_main:
-            atomic_write_json(marker, {"key": key, "summary": summary})
-        self.say(f"{name}: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})}")
-        return summary
+        summary: Dict[str, Any] = {}
+        if all_ranks or self.info.is_main:
+            t0 = time.perf_counter()
+            self.say(f"{name} ...")
+            summary = fn(d)
+            summary["seconds"] = round(time.perf_counter() - t0, 2)
+            if self.info.is_main:
+                atomic_write_json(marker, {"key": key, "summary": summary})
+            self.say(f"{name}: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})}")
+        barrier()
+        return summary if summary else json.loads(marker.read_text())["summary"]
 
     def agent(self, policy: str, temperature: float, seed: int):
         from llmx.bench.backends import HFBackend, OpenAIBackend
@@ -183,9 +199,13 @@ class Run:
         warm, train, test = (self._read_tasks(self.dir / "tasks" / f"{s}.jsonl") for s in ("warmstart", "train", "test"))
         self.say(f"tasks: {len(warm)} warm-start, {len(train)} train, {len(test)} test")
         policy0, up0 = self._initial_policy(warm)
-        collect = self.stage("collect", {**up0, "stage": "collect", "copies": r.copies, "agent": plain(r.agent),
-                                         "env": plain(r.env), "tasks": tasks["sha"]},
-                             lambda d: self._collect(d, policy0, train))
+        if r.offline_data:
+            collect = self.stage("collect", {"offline_data": sha256_text(Path(r.offline_data).read_text())},
+                                 self._offline)
+        else:
+            collect = self.stage("collect", {**up0, "stage": "collect", "copies": r.copies, "agent": plain(r.agent),
+                                             "env": plain(r.env), "tasks": tasks["sha"]},
+                                 lambda d: self._collect(d, policy0, train))
         records = self._trajectories()
         pairs_train, pairs_held = split_pairs(records, self.cfg.seed)
         self.say(f"data: {len(records)} trajectories, success {collect['success_rate']:.3f}; "
@@ -246,7 +266,7 @@ class Run:
             return path, {"policy0": str(path)}
         up = {"stage": "warmstart", "model": plain(self.cfg.model), "warmstart": plain(self.r.warmstart),
               "seed": self.cfg.seed, "system": self.system_prompt()}
-        self.stage("warmstart", up, lambda d: self._warmstart(d, warm))
+        self.stage("warmstart", up, lambda d: self._warmstart(d, warm), all_ranks=True)
         return str(self.dir / "warmstart" / "hf"), {"policy0": up}
 
     def _warmstart(self, d: Path, warm) -> Dict[str, Any]:
@@ -258,8 +278,10 @@ class Run:
 
         w = self.r.warmstart
         rng = random.Random(self.cfg.seed)
-        dialogues = [self._scripted_dialogue(t, scripted_turns(t, rng, ask_prob=w.ask_prob, junk_prob=w.junk_prob))
-                     for t in warm]
+        episodes = [t for _ in range(w.episodes_per_task) for t in warm]
+        dialogues = [self._scripted_dialogue(t, scripted_turns(t, rng, ask_prob=w.ask_prob, junk_prob=w.junk_prob,
+                                                                    guess=w.guess))
+                     for t in episodes]
         texts = [f"{self.system_prompt()}\n" + "\n".join(m["content"] for m in dlg) for dlg in dialogues]
         tok = train_bpe(texts, w.vocab_size, d / "tokenizer")
         tok.chat_template = tiny_chat_template()
@@ -269,12 +291,13 @@ class Run:
         model.generation_config.pad_token_id = tok.eos_token_id
         items = [dict(zip(("ids", "segments"), render(tok, dlg, self.system_prompt()))) for dlg in dialogues]
         n_val = max(1, len(items) // 20)
-        tcfg = {"lr": w.lr, "batch_size": w.batch_size, "micro_batch_size": w.batch_size, "warmup_steps": 20,
+        tcfg = {"lr": w.lr, "batch_size": w.batch_size, "micro_batch_size": max(1, w.batch_size // self.info.world_size),
+                "warmup_steps": 20,
                 "steps": w.steps}
         final = self.train(d, model, tok, items[n_val:], items[:n_val], "sft", tcfg)
         return {"episodes": len(dialogues), "vocab": len(tok), "parameters": sum(p.numel() for p in model.parameters()),
-                "scripted_success": sum(self._scripted_reward(t, dlg) >= 1 for t, dlg in zip(warm[:200], dialogues))
-                / max(1, min(200, len(warm))), **final}
+                "scripted_success": sum(self._scripted_reward(t, dlg) >= 1 for t, dlg in zip(episodes[:200], dialogues))
+                / max(1, min(200, len(episodes))), **final}
 
     def _scripted_dialogue(self, task, turns: List[str]) -> List[Dict[str, str]]:
         env = self.make_env()
@@ -299,13 +322,24 @@ class Run:
         from llmx.rl.rollout import collect
 
         agent = self.agent(policy, self.r.agent.temperature, seed=self.cfg.seed)
-        records = collect(agent, self.make_env, train, self.r.copies, d / "trajectories.jsonl", log=self.say)
+        records = collect(agent, self.make_env, train, self.r.copies, d / "trajectories.jsonl", log=self.say,
+                          workers=self.r.env.workers)
         s = episode_stats(records, agent)
         s["sha"] = sha256_text((d / "trajectories.jsonl").read_text())
         by_task: Dict[str, float] = {}
         for rec in records:
             by_task[rec["task"]["task_id"]] = max(by_task.get(rec["task"]["task_id"], 0.0), rec["reward"])
         s["best_of_copies_success"] = sum(v >= 1 for v in by_task.values()) / max(1, len(by_task))
+        return s
+
+    def _offline(self, d: Path) -> Dict[str, Any]:
+        from llmx.rl.data import read_trajectories
+
+        records = read_trajectories(self.r.offline_data)
+        write_jsonl(d / "trajectories.jsonl", records)
+        s = episode_stats(records, None)
+        s["sha"] = sha256_text((d / "trajectories.jsonl").read_text())
+        s["source"] = str(self.r.offline_data)
         return s
 
     def _trajectories(self) -> List[Dict[str, Any]]:
@@ -317,7 +351,8 @@ class Run:
         from llmx.rl.rollout import collect
 
         agent = self.agent(policy, self.r.agent.temperature, seed=self.cfg.seed + 1)
-        records = collect(agent, self.make_env, test, self.r.eval_copies, d / "trajectories.jsonl", log=self.say)
+        records = collect(agent, self.make_env, test, self.r.eval_copies, d / "trajectories.jsonl", log=self.say,
+                          workers=self.r.env.workers)
         return episode_stats(records, agent)
 
     # -- methods --
@@ -345,7 +380,7 @@ class Run:
             return {"trajectories": len(items), **self.train(d, model, tok, items[n_val:], items[:n_val], "sft",
                                                               self.tcfg(self.r.rft, len(items) - n_val))}
 
-        self.stage("rft", {**up, "rft": plain(self.r.rft)}, run)
+        self.stage("rft", {**up, "rft": plain(self.r.rft)}, run, all_ranks=True)
         return str(self.dir / "rft" / "hf")
 
     def _mtdpo(self, policy0, up, pairs_train, pairs_held) -> str:
@@ -361,7 +396,8 @@ class Run:
             return {"pairs": len(items), **self.train(d, model, tok, items, held, mode,
                                                       self.tcfg(self.r.mtdpo, len(items)))}
 
-        self.stage("mtdpo", {**up, "mtdpo": plain(self.r.mtdpo), "norm": enum_value(self.r.mtdpo_normalize)}, run)
+        self.stage("mtdpo", {**up, "mtdpo": plain(self.r.mtdpo), "norm": enum_value(self.r.mtdpo_normalize)}, run,
+                   all_ranks=True)
         return str(self.dir / "mtdpo" / "hf")
 
     def critic_setup(self, method: str) -> Dict[str, Any]:
@@ -387,10 +423,10 @@ class Run:
                                       self.critic_system(c["task"], setup["info"]),
                                       self.critic_system(r["task"], setup["info"]))
 
-            items = [item(c, r) for c, r in pairs_train]
-            held = [item(c, r) for c, r in pairs_held]
             if setup["value"]:
                 return self.train_value_critic(d, model, tok, pairs_train, pairs_held, setup)
+            items = [item(c, r) for c, r in pairs_train]
+            held = [item(c, r) for c, r in pairs_held]
             add_reference(model, items + held, self.info.device)
             c = self.r.critic
             final = self.train(d, model, tok, items, held, ("pairs", setup["normalize"], c.beta, c.nll),
@@ -399,7 +435,7 @@ class Run:
             acc = pair_accuracy(trained, held, setup["normalize"], self.info.device)
             return {"pairs": len(items), "held_out_pairs": len(held), "held_out_accuracy": acc, **final}
 
-        summary = self.stage(name, {**up, "critic": setup}, run)
+        summary = self.stage(name, {**up, "critic": setup}, run, all_ranks=not setup["value"])
         return self.dir / name, summary
 
     def _sweet_actor(self, method, policy0, up, records, critic_dir: Path) -> str:
@@ -455,7 +491,7 @@ class Run:
                                                       ("pairs", "none", a.beta, a.nll), self.tcfg(a, len(items) - n_val))}
 
         self.stage(actor_name, {**up_s, "critic": setup, "actor": plain(self.r.actor), "pairs_per_turn": self.r.pairs_per_turn},
-                   actor)
+                   actor, all_ranks=True)
         return str(self.dir / actor_name / "hf")
 
     # -- items, scoring, training --
@@ -613,8 +649,9 @@ class Run:
                 def run(d: Path, n=n, critic_dir=critic_dir, setup=setup) -> Dict[str, Any]:
                     agent = CriticPicker(self, self.agent(policy0, self.r.agent.temperature, self.cfg.seed + 3),
                                          critic_dir, policy0, setup, n, {t.task_id: t for t in test})
-                    recs = collect(agent, self.make_env, test, 1, d / "trajectories.jsonl", log=self.say)
-                    return episode_stats(recs, None)
+                    recs = collect(agent, self.make_env, test, 1, d / "trajectories.jsonl", log=self.say,
+                                   workers=self.r.env.workers)
+                    return episode_stats(recs, agent)
 
                 out[f"{CRITICS[method]}/N={n}"] = self.stage(f"bestofn_{CRITICS[method]}_{n}",
                                                               {**up, "critic": setup, "n": n}, run)
@@ -732,6 +769,9 @@ class CriticPicker:
     def __init__(self, run: Run, base, critic_dir: Path, policy0: str, setup, n: int, tasks: Dict[str, Any]):
         self.run, self.base, self.critic_dir, self.policy0, self.setup, self.n, self.tasks = \
             run, base, critic_dir, policy0, setup, n, tasks
+
+    def __getattr__(self, name: str):  # tokenizer, render, context limits: the sampling backend's
+        return getattr(self.base, name)
 
     def generate(self, requests, on_result) -> None:
         from llmx.bench.backends import GenRequest

@@ -663,12 +663,17 @@ def family_of(task: Task) -> Family:
 
 
 def scripted_turns(task: Task, rng: random.Random, *, ask_prob: float = 0.5, junk_prob: float = 0.1,
-                   paraphrase: bool = True, max_rounds: int = MAX_ROUNDS) -> List[str]:
+                   paraphrase: bool = True, max_rounds: int = MAX_ROUNDS, guess: str = "random") -> List[str]:
     """The agent turns of a noisy scripted collaborator: each slot, in random order, is asked about with
     probability ask_prob (one question per turn, a random paraphrase); before each slot a question that
     no slot answers comes with probability junk_prob; the last turn answers with the values asked for
-    and the others guessed uniformly from the slot's candidates. Assumes the simulator answers what is
-    asked (the rule simulator does). At most max_rounds turns."""
+    and the others guessed: uniformly from the slot's candidates (guess="random"), or always the first
+    candidate, a fixed default (guess="default": the same success rate in expectation over uniformly drawn
+    tasks, but the only thing left to learn from an answer is copying what was asked, which a tiny model
+    learns far sooner than from targets that are noise whenever a slot was not asked). Assumes the simulator
+    answers what is asked (the rule simulator does). At most max_rounds turns."""
+    if guess not in ("random", "default"):
+        raise LlmxError(f"scripted_turns: guess={guess!r}; valid: 'random', 'default'")
     fam = family_of(task)
     questions: List[str] = []
     values: Dict[str, Any] = {}
@@ -679,5 +684,5 @@ def scripted_turns(task: Task, rng: random.Random, *, ask_prob: float = 0.5, jun
             questions.append(rng.choice(slot.questions) if paraphrase else slot.questions[0])
             values[slot.name] = task.hidden[slot.name]
         else:
-            values[slot.name] = rng.choice(slot.candidates)
+            values[slot.name] = rng.choice(slot.candidates) if guess == "random" else slot.candidates[0]
     return questions + [f"{END_MARKER}\n{render(fam, values)}"]

@@ -25,8 +25,10 @@ def _generate(agent: Backend, requests: List[GenRequest]) -> Dict[str, List[str]
     return out
 
 
-def run_episodes(agent: Backend, make_env: Callable[[], Any], jobs: Sequence[Tuple[str, Any]]) -> List[Dict[str, Any]]:
-    """Play one episode per (key, task) to the end; returns trajectory records in the order of `jobs`."""
+def run_episodes(agent: Backend, make_env: Callable[[], Any], jobs: Sequence[Tuple[str, Any]],
+                 workers: int = 2) -> List[Dict[str, Any]]:
+    """Play one episode per (key, task) to the end; returns trajectory records in the order of `jobs`.
+    `workers`: sandboxed test runs in parallel."""
     from llmx.rl.env import step_many
 
     envs = [make_env() for _ in jobs]
@@ -44,7 +46,7 @@ def run_episodes(agent: Backend, make_env: Callable[[], Any], jobs: Sequence[Tup
         if not live:
             break
         replies = _generate(agent, [GenRequest(key=f"{jobs[i][0]}#{rnd}", prompt=obs[i]) for i in live])
-        results = step_many([envs[i] for i in live], [replies[f"{jobs[i][0]}#{rnd}"][0] for i in live])
+        results = step_many([envs[i] for i in live], [replies[f"{jobs[i][0]}#{rnd}"][0] for i in live], workers=workers)
         still = []
         for i, (o, r, done) in zip(live, results):
             obs[i], reward[i] = o, r
@@ -70,7 +72,7 @@ def trajectory_record(key: str, task: Any, env: Any, reward: float, cut: bool = 
 
 
 def collect(agent: Backend, make_env: Callable[[], Any], tasks: Sequence[Any], copies: int, out_path,
-            chunk: int = 256, log: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+            chunk: int = 256, log: Optional[Callable[[str], None]] = None, workers: int = 2) -> List[Dict[str, Any]]:
     """`copies` episodes of every task (key "<task_id>/<copy>"), appended to `out_path` chunk by chunk;
     episodes already in the file are kept, not replayed."""
     journal = JsonlLog(out_path)
@@ -78,7 +80,7 @@ def collect(agent: Backend, make_env: Callable[[], Any], tasks: Sequence[Any], c
     todo = [j for j in jobs if j[0] not in journal.done]
     try:
         for lo in range(0, len(todo), chunk):
-            for rec in run_episodes(agent, make_env, todo[lo: lo + chunk]):
+            for rec in run_episodes(agent, make_env, todo[lo: lo + chunk], workers=workers):
                 journal.write(rec)
             if log:
                 log(f"{len(jobs) - len(todo) + min(lo + chunk, len(todo))}/{len(jobs)} episodes")
