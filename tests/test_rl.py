@@ -219,15 +219,16 @@ SMOKE = [
     "recipe=sweet_rl_tiny", "logger.progress=false", "trainer.log_every=1",
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=2",
     "model.num_key_value_heads=2",
-    "rl.tasks.n_warmstart=30", "rl.tasks.n_train=10", "rl.tasks.n_test=6",
+    "rl.tasks.n_warmstart=12", "rl.tasks.n_train=10", "rl.tasks.n_test=4",
     "rl.warmstart.steps=4", "rl.warmstart.batch_size=8", "rl.warmstart.vocab_size=400",
-    "rl.agent.max_new_tokens=24", "rl.env.max_rounds=3", "rl.candidates=4", "rl.data_fraction=0.5",
+    "rl.agent.max_new_tokens=24", "rl.env.max_rounds=3", "rl.candidates=4", "rl.data_fraction=0.25",
+    "rl.pairs_per_turn=1",
     "rl.critic.batch_size=4", "rl.critic.micro_batch_size=2", "rl.critic.epochs=1",
     "rl.actor.batch_size=4", "rl.actor.micro_batch_size=4", "rl.rft.batch_size=2", "rl.rft.micro_batch_size=2",
     "rl.mtdpo.batch_size=4", "rl.mtdpo.micro_batch_size=4", "rl.mtdpo.epochs=1",
-    # sweet_no_info and sweet_no_norm run sweet's code with another critic context / normalisation; the best-of-N
-    # probe trains the no-information critic anyway.
-    "rl.methods=[zero_shot,rft,mtdpo,sweet,sweet_value]", "rl.best_of_n=[2]",
+    # sweet_no_info and sweet_no_norm run sweet's code with another critic context / normalisation. The value-head
+    # critic and the best-of-N probe are left out to keep the suite under CI's time budget.
+    "rl.methods=[zero_shot,rft,mtdpo,sweet]", "rl.best_of_n=[]",
 ]
 
 
@@ -271,16 +272,13 @@ def test_sweet_rl_tiny_runs_every_stage_and_resumes(smoke_run):
 
     run, args = smoke_run
     results = json.loads((run / "results.json").read_text())
-    assert set(results["methods"]) == {"zero_shot", "rft", "mtdpo", "sweet", "sweet_value"}
+    assert set(results["methods"]) == {"zero_shot", "rft", "mtdpo", "sweet"}
     for s in results["methods"].values():
-        assert s["episodes"] == 6 and 0 <= s["success_rate"] <= 1 and s["mean_turns"] >= 1
-    assert set(results["critics"]) == {"sweet", "sweet_value"}
-    assert (run / "critic_no_info" / "stage.json").is_file()  # the best-of-N probe's second critic
-    assert set(results["best_of_n"]) == {"critic/N=2", "critic_no_info/N=2"}
-    # Every actor trained on per-turn pairs ranked by its own critic; the candidates were sampled once.
-    ranks = {p.name: [json.loads(x) for x in (p / "pairs.jsonl").read_text().splitlines()] for p in run.glob("rank_*")}
-    assert len(ranks) == 2 and all(ranks.values())
-    assert len({json.dumps(v) for v in ranks.values()}) > 1  # different critics rank differently
+        assert s["episodes"] == 4 and 0 <= s["success_rate"] <= 1 and s["mean_turns"] >= 1
+    assert set(results["critics"]) == {"sweet"}
+    # The actor trained on per-turn pairs ranked by the critic, of different candidates of the same turn.
+    pairs = [json.loads(x) for x in (run / "rank_critic" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     assert "| sweet |" in (run / "results.md").read_text()
     # A rerun in the same directory redoes nothing.
     again = run_llmx(args, cwd=REPO, timeout=300, check=True)
@@ -288,7 +286,7 @@ def test_sweet_rl_tiny_runs_every_stage_and_resumes(smoke_run):
     assert json.loads((run / "results.json").read_text()) == results
 
 
-def test_bad_trajectory_file_and_unreachable_simulator_fail_before_work(tmp_path):
+def test_bad_trajectory_file_fails_before_work(tmp_path):
     from conftest import REPO, run_llmx
 
     bad = tmp_path / "bad.jsonl"
@@ -297,11 +295,8 @@ def test_bad_trajectory_file_and_unreachable_simulator_fail_before_work(tmp_path
                     cwd=REPO)
     assert proc.returncode != 0 and f"{bad}:1: not a trajectory record" in proc.stderr
     assert not (tmp_path / "r1" / "tasks").exists()
-    proc = run_llmx(["run", "recipe=sweet_rl_tiny", "rl.env.simulator=llm", "evaluator=openai",
-                     "evaluator.base_url=http://127.0.0.1:9/v1", "evaluator.model_name=m",
-                     f"hydra.run.dir={tmp_path / 'r2'}"], cwd=REPO)
-    assert proc.returncode != 0 and "http://127.0.0.1:9/v1" in proc.stderr, proc.stderr
-    assert not (tmp_path / "r2" / "tasks").exists()
+    # An unreachable simulator server is refused when the run is set up, before the tasks stage: Run.__init__
+    # builds the LLMSimulator, whose reachability check tests/test_rl_colbench.py covers.
 
 
 @pytest.mark.dist

@@ -290,7 +290,7 @@ class Run:
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.eos_token_id
         items = [dict(zip(("ids", "segments"), render(tok, dlg, self.system_prompt()))) for dlg in dialogues]
-        n_val = max(1, len(items) // 20)
+        n_val = max(2, len(items) // 20)  # >= 2: the same split on 1 and 2 ranks
         tcfg = {"lr": w.lr, "batch_size": w.batch_size, "micro_batch_size": max(1, w.batch_size // self.info.world_size),
                 "warmup_steps": 20,
                 "steps": w.steps}
@@ -376,7 +376,7 @@ class Run:
                 raise LlmxError("rft: no successful trajectory in the offline data")
             items = [dict(zip(("ids", "segments"), render(tok, rec["dialogue_history"], self.system_prompt())))
                      for rec in wins]
-            n_val = max(1, len(items) // 10)
+            n_val = max(2, len(items) // 10)
             return {"trajectories": len(items), **self.train(d, model, tok, items[n_val:], items[:n_val], "sft",
                                                               self.tcfg(self.r.rft, len(items) - n_val))}
 
@@ -484,7 +484,7 @@ class Run:
             model, tok = load_policy(policy0)
             sysp = self.system_prompt()
             items = [self.turn_pair_item(tok, p, sysp) for p in pairs]
-            n_val = max(1, len(items) // 20)
+            n_val = max(2, len(items) // 20)  # >= 2: the same split on 1 and 2 ranks
             add_reference(model, items, self.info.device)
             a = self.r.actor
             return {"pairs": len(items), **self.train(d, model, tok, items[n_val:], items[:n_val],
@@ -558,6 +558,11 @@ class Run:
         from llmx.trainer.checkpoint import find_newest
         from llmx.trainer.trainer import Trainer
 
+        if len(val_items) < self.info.world_size:
+            # The trainer's evaluation needs at least one held-out item per rank; a small split gets the missing
+            # ones from the end of the training items.
+            need = self.info.world_size - len(val_items)
+            items, val_items = list(items[:-need]), list(val_items) + list(items[-need:])
         if len(items) < t["batch_size"]:
             raise LlmxError(f"{d.name}: {len(items)} training items, fewer than one batch of {t['batch_size']}; "
                             "collect more data (rl.tasks.n_train, rl.copies) or lower the batch size")
