@@ -267,6 +267,7 @@ def smoke_run(offline_file, tmp_path_factory):
     return run, args
 
 
+@pytest.mark.slow
 def test_sweet_rl_tiny_runs_every_stage_and_resumes(smoke_run):
     from conftest import REPO, run_llmx
 
@@ -299,6 +300,7 @@ def test_bad_trajectory_file_fails_before_work(tmp_path):
     # builds the LLMSimulator, whose reachability check tests/test_rl_colbench.py covers.
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_training_stages_under_fsdp_match_one_process(smoke_run, offline_file, tmp_path):
     """The warm start (multi-turn SFT) and multi-turn DPO trained by 2 FSDP2 ranks (torchrun, gloo) follow the
