@@ -119,7 +119,7 @@ def test_read_trajectories_names_file_line_and_field(tmp_path):
     from llmx.rl.data import read_trajectories
 
     good = json.dumps(_rec("a", 0, 1.0))
-    for bad, match in (("{not json", "not JSON"), (json.dumps({"prompt": "x", "chosen": "y"}), "missing"),
+    for bad, match in (("{not json", "not valid JSON"), (json.dumps({"prompt": "x", "chosen": "y"}), "missing"),
                        (json.dumps({**_rec("a", 0, 1.0), "dialogue_history": [{"role": "bot", "content": "x"}]}),
                         r"dialogue_history\[0\]")):
         path = tmp_path / "t.jsonl"

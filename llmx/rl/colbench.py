@@ -134,17 +134,9 @@ def load_tasks(path: Any) -> List[Task]:
     path = Path(path)
     if not path.is_file():
         raise LlmxError(f"{path}: no such task file")
-    tasks = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except ValueError as e:
-                raise LlmxError(f"{where}: not valid JSON ({e})") from None
-            tasks.append(Task.from_json(d, where))
+    from llmx.rl.data import jsonl_records
+
+    tasks = [Task.from_json(d, where) for where, d in jsonl_records(path)]
     if not tasks:
         raise LlmxError(f"{path}: no tasks in the file")
     return tasks

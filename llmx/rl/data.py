@@ -65,29 +65,32 @@ class JsonlLog:
         self._f.close()
 
 
+def jsonl_records(path: os.PathLike | str) -> Iterator[Tuple[str, Any]]:
+    """("file:line", parsed object) for each non-blank line; a line that is not JSON raises LlmxError naming it."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LlmxError(f"{path}:{n}: not valid JSON ({e.msg}); the file holds one JSON object per line") from None
+
+
 def read_trajectories(path: os.PathLike | str) -> List[Dict[str, Any]]:
     """Trajectory records, validated: a file of another format is refused naming the file, line and field."""
     from llmx.rl.chat import check_messages
 
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmxError(f"{where}: not JSON ({e.msg}); a trajectory file has one JSON object per line") from None
-            missing = [k for k in TRAJECTORY_FIELDS if not isinstance(r, dict) or k not in r]
-            if missing:
-                raise LlmxError(f"{where}: not a trajectory record: missing {missing}; expected the fields "
-                                f"{list(TRAJECTORY_FIELDS)} (+ answer, key) of the SWEET-RL reference's layout")
-            check_messages(r["dialogue_history"], where)
-            if not isinstance(r["reward"], (int, float)):
-                raise LlmxError(f"{where}: reward must be a number, got {r['reward']!r}")
-            r.setdefault("key", f"{Path(path).name}:{n}")
-            out.append(r)
+    for where, r in jsonl_records(path):
+        missing = [k for k in TRAJECTORY_FIELDS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise LlmxError(f"{where}: not a trajectory record: missing {missing}; expected the fields "
+                            f"{list(TRAJECTORY_FIELDS)} (+ answer, key) of the SWEET-RL reference's layout")
+        check_messages(r["dialogue_history"], where)
+        if not isinstance(r["reward"], (int, float)):
+            raise LlmxError(f"{where}: reward must be a number, got {r['reward']!r}")
+        r.setdefault("key", f"{Path(path).name}:{where.rsplit(':', 1)[1]}")
+        out.append(r)
     return out
 
 
