@@ -62,6 +62,10 @@ def main() -> None:
         "critic_accuracy": table("critic accuracy on held-out trajectory pairs (%)", runs, "critics",
                                  "held_out_accuracy", 100),
     }
+    if any(r.get("critics_on_test") for r in runs):
+        out["critic_test_accuracy"] = table("critic accuracy on test-task pairs of the baselines' episodes (%)", runs,
+                                            "critics_on_test", "accuracy", 100)
+        out["critic_test_pairs"] = table("test-task pairs", runs, "critics_on_test", "pairs", fmt="{:.0f}")
     if any(r.get("best_of_n") for r in runs):
         out["best_of_n"] = table("best-of-N, success rate (%)", runs, "best_of_n", "success_rate", 100)
     s = out["success_rate"]

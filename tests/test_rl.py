@@ -277,6 +277,11 @@ def test_sweet_rl_tiny_runs_every_stage_and_resumes(smoke_run):
     for s in results["methods"].values():
         assert s["episodes"] == 4 and 0 <= s["success_rate"] <= 1 and s["mean_turns"] >= 1
     assert set(results["critics"]) == {"sweet"}
+    # The critic is also scored on the test tasks' pairs among the baselines' evaluation episodes.
+    from llmx.rl.data import read_trajectories, trajectory_pairs
+
+    evals = [r for m in ("zero_shot", "rft", "mtdpo") for r in read_trajectories(run / f"eval_{m}" / "trajectories.jsonl")]
+    assert results["critics_on_test"]["sweet"]["pairs"] == len(trajectory_pairs(evals))
     # The actor trained on per-turn pairs ranked by the critic, of different candidates of the same turn.
     pairs = [json.loads(x) for x in (run / "rank_critic" / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
@@ -388,3 +393,20 @@ def test_rollouts_against_an_openai_compatible_server_resume_without_replaying(t
         assert len(calls) == n and again == records
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("rl.best_of_n=[0,4]", r"rl.best_of_n=\[0, 4\] needs every N >= 1"),
+    ("rl.best_of_n_tasks=-1", "rl.best_of_n_tasks=-1 >= 0"),
+    ("rl.data_fraction=0", r"rl.data_fraction=0.0 must be in \(0, 1\]"),
+    ("rl.candidates=1", "rl.candidates=1 must be >= 2"),
+])
+def test_bad_rl_settings_are_named(override, match):
+    from omegaconf import OmegaConf
+
+    from llmx.config.compose import compose
+    from llmx.recipes.rl import check_config
+
+    cfg = OmegaConf.to_object(compose(["recipe=sweet_rl_tiny", override]))
+    with pytest.raises(LlmxError, match=match):
+        check_config(OmegaConf.structured(cfg))

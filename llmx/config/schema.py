@@ -670,6 +670,7 @@ class RLConfig:
     mtdpo: RLTrainConfig = field(default_factory=lambda: RLTrainConfig(epochs=4.0))
     mtdpo_normalize: CriticNorm = CriticNorm.none  # summed log-ratio over every agent token (standard DPO)
     best_of_n: List[int] = field(default_factory=list)  # critic-selected best-of-N probe (Fig. 3a), e.g. [1, 4, 16]
+    best_of_n_tasks: int = 0  # the probe's test tasks: the first this many (0: all); N=16 costs 16 samples a turn
     eval_copies: int = 1  # episodes per test task
 
 

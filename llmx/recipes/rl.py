@@ -82,6 +82,9 @@ def check_config(cfg) -> None:
                         "only; trained policies are evaluated with rl.agent.backend=hf")
     if r.candidates < 2 or r.pairs_per_turn < 1:
         raise LlmxError(f"rl.candidates={r.candidates} must be >= 2 and rl.pairs_per_turn={r.pairs_per_turn} >= 1")
+    if any(n < 1 for n in r.best_of_n) or r.best_of_n_tasks < 0:
+        raise LlmxError(f"rl.best_of_n={list(r.best_of_n)} needs every N >= 1 and rl.best_of_n_tasks="
+                        f"{r.best_of_n_tasks} >= 0 (0: every test task)")
     if not 0 < r.data_fraction <= 1:
         raise LlmxError(f"rl.data_fraction={r.data_fraction} must be in (0, 1]")
     for name in ("critic", "actor", "rft", "mtdpo"):
@@ -220,6 +223,8 @@ class Run:
                 f"eval_{method}", {**up, "method": method, "policy": policy, "eval_copies": r.eval_copies,
                                    "tasks": tasks["sha"]},
                 lambda d, p=policy: self._evaluate(d, p, test))
+        if any(m in CRITICS for m in self.methods):
+            results["critics_on_test"] = self._critics_on_test(policy0, up, results)
         if r.best_of_n:
             results["best_of_n"] = self._best_of_n(policy0, up, test, records, pairs_train, pairs_held)
         if self.info.is_main:
@@ -642,10 +647,49 @@ class Run:
         return {"examples": len(train), "steps": steps, "train_loss": sum(losses[-20:]) / len(losses[-20:]),
                 "held_out_pairs": len(pairs_held), "held_out_accuracy": acc}
 
+    def _critics_on_test(self, policy0, up, results) -> Dict[str, Any]:
+        """Each critic's pair accuracy on tasks it never saw: the reference's pair rule applied to the test
+        episodes of the baselines (zero-shot, RFT, multi-turn DPO: policies no critic shaped). A larger and
+        unseen set than the held-out training pairs (a tenth of a few hundred)."""
+        from llmx.rl.chat import render
+        from llmx.rl.data import read_trajectories, task_id, trajectory_pairs
+
+        sources = [m for m in ("zero_shot", "rft", "mtdpo") if m in results["methods"]]
+        files = [self.dir / f"eval_{m}" / "trajectories.jsonl" for m in sources]
+        pairs = trajectory_pairs([rec for f in files for rec in read_trajectories(f)])
+        data = sha256_text("".join(f.read_text() for f in files))
+        out = {}
+        for method in (m for m in self.methods if m in CRITICS):
+            setup, name = self.critic_setup(method), CRITICS[method]
+
+            def run(d: Path, setup=setup, name=name) -> Dict[str, Any]:
+                if not pairs:
+                    return {"pairs": 0, "tasks": 0, "accuracy": float("nan")}
+                model, tok = load_policy(policy0)
+                if setup["value"]:
+                    rows = [{"ids": render(tok, rec["dialogue_history"], self.critic_system(rec["task"], True))[0]}
+                            for pair in pairs for rec in pair]
+                    v = value_scores(self.dir / name / "value.pt", policy0, rows, self.info.device)
+                    acc = sum(a > b for a, b in zip(v[0::2], v[1::2])) / len(pairs)
+                else:
+                    items = [self.pair_item(tok, c["dialogue_history"], r["dialogue_history"],
+                                            self.critic_system(c["task"], setup["info"]),
+                                            self.critic_system(r["task"], setup["info"])) for c, r in pairs]
+                    add_reference(model, items, self.info.device)
+                    trained, _ = load_policy(str(self.dir / name / "hf"))
+                    acc = pair_accuracy(trained, items, setup["normalize"], self.info.device)
+                return {"pairs": len(pairs), "tasks": len({task_id(c) for c, _ in pairs}), "accuracy": acc}
+
+            out[method] = self.stage(f"testpairs_{name}", {**up, "critic": setup, "sources": sources, "data": data},
+                                     run)
+        return out
+
     def _best_of_n(self, policy0, up, test, records, pairs_train, pairs_held) -> Dict[str, Any]:
-        """Fig. 3a: the initial policy, each turn the best of N candidates by a critic (with c / without c)."""
+        """Fig. 3a: the initial policy, each turn the best of N candidates by a critic (with c / without c).
+        N=1 involves no critic: it runs once and both critics' rows share it."""
         from llmx.rl.rollout import collect
 
+        probe = test[: self.r.best_of_n_tasks or len(test)]
         out = {}
         for method in ("sweet", "sweet_no_info"):
             critic_dir, _ = self._critic(method, policy0, up, pairs_train, pairs_held)
@@ -653,13 +697,13 @@ class Run:
             for n in self.r.best_of_n:
                 def run(d: Path, n=n, critic_dir=critic_dir, setup=setup) -> Dict[str, Any]:
                     agent = CriticPicker(self, self.agent(policy0, self.r.agent.temperature, self.cfg.seed + 3),
-                                         critic_dir, policy0, setup, n, {t.task_id: t for t in test})
-                    recs = collect(agent, self.make_env, test, 1, d / "trajectories.jsonl", log=self.say,
+                                         critic_dir, policy0, setup, n, {t.task_id: t for t in probe})
+                    recs = collect(agent, self.make_env, probe, 1, d / "trajectories.jsonl", log=self.say,
                                    workers=self.r.env.workers)
                     return episode_stats(recs, agent)
 
-                out[f"{CRITICS[method]}/N={n}"] = self.stage(f"bestofn_{CRITICS[method]}_{n}",
-                                                              {**up, "critic": setup, "n": n}, run)
+                name, key = (f"bestofn_{CRITICS[method]}_{n}", {"critic": setup}) if n > 1 else ("bestofn_1", {})
+                out[f"{CRITICS[method]}/N={n}"] = self.stage(name, {**up, **key, "n": n, "tasks": len(probe)}, run)
         return out
 
 
@@ -848,9 +892,12 @@ def results_table(results: Dict[str, Any]) -> str:
         lines.append(f"| {m} | {s['success_rate']:.3f} ± {s['success_se']:.3f} | {100 * s['tests_passed']:.1f} | "
                      f"{s['mean_turns']:.2f} | {s['mean_turn_tokens']:.1f} |")
     if results.get("critics"):
-        lines += ["", "| critic | held-out pair accuracy | pairs |", "|---|---|---|"]
+        lines += ["", "| critic | held-out pair accuracy | pairs | test-task pair accuracy | pairs |",
+                  "|---|---|---|---|---|"]
         for m, s in results["critics"].items():
-            lines.append(f"| {m} | {s['held_out_accuracy']:.3f} | {s['held_out_pairs']} |")
+            t = results.get("critics_on_test", {}).get(m, {"accuracy": float("nan"), "pairs": 0})
+            lines.append(f"| {m} | {s['held_out_accuracy']:.3f} | {s['held_out_pairs']} | {t['accuracy']:.3f} | "
+                         f"{t['pairs']} |")
     if results.get("best_of_n"):
         lines += ["", "| best-of-N | success | % tests passed |", "|---|---|---|"]
         for k, s in results["best_of_n"].items():
