@@ -70,6 +70,16 @@ def run_llmx(args, *, cwd: Path, env=None, timeout=300, check=False) -> subproce
     return proc
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """One uninterrupted TINY run through the CLI, (run_dir, process), that the end-to-end and the FSDP tests
+    both compare against. Read-only: copy it before changing anything."""
+    tmp = tmp_path_factory.mktemp("ref")
+    run_dir = tmp / "ref"
+    proc = run_llmx(["run", *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp, check=True)
+    return run_dir, proc
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

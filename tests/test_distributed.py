@@ -14,10 +14,9 @@ FSDP = ["launcher=torchrun", "launcher.nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, reference_run):
     tmp = tmp_path_factory.mktemp("fsdp")
-    single, fsdp = tmp / "single", tmp / "fsdp"
-    run_llmx(["run", *TINY, f"hydra.run.dir={single}"], cwd=tmp, check=True)
+    single, fsdp = reference_run[0], tmp / "fsdp"  # the one-process run is conftest's shared TINY run
     proc = run_llmx(["run", *TINY, *FSDP, f"hydra.run.dir={fsdp}"], cwd=tmp, check=True)
     return tmp, single, fsdp, proc
 

@@ -23,14 +23,6 @@ def tiny_run(tmp_path: Path, name: str, *extra: str, env=None, check=True):
     return run_dir, proc
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """One uninterrupted tiny run that several tests compare against."""
-    tmp = tmp_path_factory.mktemp("ref")
-    run_dir, proc = tiny_run(tmp, "ref")
-    return run_dir, proc
-
-
 def test_run_directory_holds_everything(reference_run):
     run_dir, proc = reference_run
     assert f"run directory: {run_dir}" in proc.stdout

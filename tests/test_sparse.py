@@ -221,10 +221,15 @@ def test_sparsify_recipe_on_smollm2(tmp_path):
 
 
 @pytest.mark.slow
-def test_greedy_paths_are_cached_and_seed_the_rsparse_search(tmp_path):
+def test_greedy_paths_are_cached_and_seed_the_rsparse_search(tmp_path, llmx_cache):
     """teal_smollm2 computes TEAL's greedy paths once; rsparse_smollm2 (search.init_greedy) reads them from the
     cache and seeds the search with the greedy plan at the level; the searched plan keeps the budget."""
     env = {"LLMX_CACHE": str(tmp_path / "cache")}
+    # A fresh cache, so the greedy and search entries counted below are this test's; the converted SmolLM2 is
+    # the session's (converting the GGUF again costs ~20 s).
+    (llmx_cache / "models").mkdir(exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(llmx_cache / "models", target_is_directory=True)
     common = [f"output_root={tmp_path}", "sparsify.levels=[0.5]", "sparsify.calib_sequences=2",
               "sparsify.eval_sequences=2", "sparsify.decode_tokens=0", "sparsify.save=false", "data.seq_len=32",
               "sparsify.greedy_step=0.6"]

@@ -715,12 +715,21 @@ def typed(raw) -> Any:
     return OmegaConf.merge(base, raw)
 
 
+# The ConfigStore the schemas were last stored in. Storing converts every dataclass to a structured
+# config, a third of the time of each compose(); validate_all() and sweeps compose dozens of times.
+_registered_in: Any = None
+
+
 def register() -> None:
     """Store the schemas in Hydra's ConfigStore: the root (conf/config.yaml extends it) and the subclasses
-    that group options extend (idempotent)."""
+    that group options extend (idempotent; a no-op when this ConfigStore already has them)."""
+    global _registered_in
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
+    if cs is _registered_in:
+        return
     cs.store(name="llmx_schema", node=LlmxConfig)
     # Group options that extend a group's schema start their defaults list with one of these.
     cs.store(group="optim", name="galore_schema", node=GaLoreOptimConfig)
+    _registered_in = cs
