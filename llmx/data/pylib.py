@@ -146,13 +146,14 @@ def installed_distributions() -> List[str]:
 def distribution_files(name: str) -> List[Tuple[str, Path]]:
     """(key, path) of a distribution's modules from its RECORD, sorted by key."""
     dist = _distribution(name)
+    prefix = dist.metadata["Name"].lower()  # each .metadata access re-parses METADATA: once, not per file
     out = []
     for f in dist.files or []:
         rel = Path(str(f))
         if _kept(rel) and not rel.parts[0].endswith((".dist-info", ".egg-info")) and ".." not in rel.parts:
             path = Path(dist.locate_file(f))
             if path.is_file():
-                out.append((f"{dist.metadata['Name'].lower()}/{rel.as_posix()}", path))
+                out.append((f"{prefix}/{rel.as_posix()}", path))
     return sorted(out)
 
 
@@ -183,14 +184,13 @@ def fingerprint(packages: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------ build and load
 
 
-def _extract(files: List[Tuple[str, Path]], num_proc: int) -> List[Tuple[str, str]]:
+def _extract(files: List[Tuple[str, Path]], num_proc: int) -> List[Optional[str]]:
+    """Each file's text (None when it has too little), in one process pool for the whole corpus."""
     paths = [str(p) for _, p in files]
     if num_proc > 1:
         with ProcessPoolExecutor(num_proc) as pool:
-            texts = list(pool.map(_read_module, paths, chunksize=64))
-    else:
-        texts = [_read_module(p) for p in paths]
-    return [(k, t) for (k, _), t in zip(files, texts) if t]
+            return list(pool.map(_read_module, paths, chunksize=64))
+    return [_read_module(p) for p in paths]
 
 
 def build(packages: Sequence[str], out: Path, num_proc: int = 1) -> Dict:
@@ -200,15 +200,16 @@ def build(packages: Sequence[str], out: Path, num_proc: int = 1) -> Dict:
     for name in sorted({n.lower() for n in packages}):
         dist = _distribution(name)
         sources.append((name, dist.version, licence(dist), distribution_files(name)))
+    texts = iter(_extract([f for *_, files in sources for f in files], num_proc))
     docs: List[Tuple[str, str]] = []
     table = []
     for name, version, lic, files in sources:
-        got = _extract(files, num_proc)
+        got = [(k, t) for (k, _), t in zip(files, texts) if t]
         docs += got
         table.append({"name": name, "version": version, "licence": lic, "files": len(files),
                       "documents": len(got), "chars": sum(len(t) for _, t in got)})
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
         for key, text in docs:
             gz.write((json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n").encode())
     (out / "corpus.jsonl.gz").write_bytes(buf.getvalue())
