@@ -226,9 +226,9 @@ SMOKE = [
     "rl.critic.batch_size=4", "rl.critic.micro_batch_size=2", "rl.critic.epochs=1",
     "rl.actor.batch_size=4", "rl.actor.micro_batch_size=4", "rl.rft.batch_size=2", "rl.rft.micro_batch_size=2",
     "rl.mtdpo.batch_size=4", "rl.mtdpo.micro_batch_size=4", "rl.mtdpo.epochs=1",
-    # sweet_no_info and sweet_no_norm run sweet's code with another critic context / normalisation. The value-head
-    # critic and the best-of-N probe are left out to keep the suite under CI's time budget.
-    "rl.methods=[zero_shot,rft,mtdpo,sweet]", "rl.best_of_n=[]",
+    # sweet_no_info and sweet_no_norm run sweet's code with another critic context / normalisation; the value-head
+    # critic is left out to keep the suite under CI's time budget. The best-of-N probe trains the no-info critic.
+    "rl.methods=[zero_shot,rft,mtdpo,sweet]", "rl.best_of_n=[1,2]", "rl.best_of_n_tasks=2",
 ]
 
 
@@ -282,6 +282,11 @@ def test_sweet_rl_tiny_runs_every_stage_and_resumes(smoke_run):
 
     evals = [r for m in ("zero_shot", "rft", "mtdpo") for r in read_trajectories(run / f"eval_{m}" / "trajectories.jsonl")]
     assert results["critics_on_test"]["sweet"]["pairs"] == len(trajectory_pairs(evals))
+    # Best-of-N on the first 2 test tasks with each critic; N=1 uses no critic and runs once for both.
+    bon = results["best_of_n"]
+    assert set(bon) == {f"{c}/N={n}" for c in ("critic", "critic_no_info") for n in (1, 2)}
+    assert all(s["episodes"] == 2 for s in bon.values()) and bon["critic/N=1"] == bon["critic_no_info/N=1"]
+    assert (run / "bestofn_1").is_dir() and (run / "bestofn_critic_no_info_2").is_dir()
     # The actor trained on per-turn pairs ranked by the critic, of different candidates of the same turn.
     pairs = [json.loads(x) for x in (run / "rank_critic" / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
