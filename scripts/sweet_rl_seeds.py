@@ -59,6 +59,7 @@ def main() -> None:
         "tests_passed": table("% tests passed", runs, "methods", "tests_passed", 100),
         "mean_turn_tokens": table("mean agent turn length (tokens)", runs, "methods", "mean_turn_tokens"),
         "mean_turns": table("agent turns per episode", runs, "methods", "mean_turns", fmt="{:.2f}"),
+        "answered": table("episodes that reached an answer (%)", runs, "methods", "answered", 100),
         "critic_accuracy": table("critic accuracy on held-out trajectory pairs (%)", runs, "critics",
                                  "held_out_accuracy", 100),
     }
