@@ -18,10 +18,14 @@ What counts as the same question:
 How a pass decides (deterministic and order-defined): items are visited in input order; each is compared with
 the items kept so far, and is removed if one of them has an estimated Jaccard >= threshold; otherwise it is
 kept and indexed. So the first occurrence wins, and a removed item never removes a later one (in a chain
-A~B~C with A and C dissimilar, A and C are both kept). The LSH index only proposes candidates: its banding has
-false positives (and misses some pairs near the threshold, fewer with LSH_WEIGHTS), so every candidate is checked with the MinHash
-estimate (the share of equal signature slots, as MinHash.jaccard computes it), and the removed item names the
-kept item it is most similar to (ties: the earliest).
+A~B~C with A and C dissimilar, A and C are both kept). The LSH index only proposes candidates: its banding
+has false positives (and misses some pairs near the threshold, fewer with LSH_WEIGHTS), so every candidate is
+checked with the MinHash estimate (the share of equal signature slots, as MinHash.jaccard computes it), and the
+removed item names the kept item it is most similar to (ties: the earliest).
+
+Memory: datasketch's in-memory LSH keeps a set per bucket, about 10 KB per kept item at 28 bands (1.0 GB peak
+at 100k documents, scripts/bench_dedup.py): millions of items need sharded sketching and a machine sized for
+the global pass.
 
 Sharded runs: the signatures are the expensive part and depend on nothing but the text and (num_perm, shingle,
 seed), so shards compute them independently (`sketch`, each item with a stable, unique, sortable id), and one
