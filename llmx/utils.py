@@ -10,9 +10,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 
 class LlmxError(Exception):
@@ -129,3 +130,34 @@ def publish_dir(final: os.PathLike | str, *, replace: bool = False) -> Iterator[
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.exists():
             raise
+
+
+def cached_stage(d: Path, upstream: Dict[str, Any], fn: Callable[[Path], Dict[str, Any]], *,
+                 say: Callable[[str], None] = print, is_main: bool = True, all_ranks: bool = False) -> Dict[str, Any]:
+    """Run `fn(d)` unless d/stage.json says it ran with the same inputs (`upstream`); returns its summary.
+
+    A rerun in the same directory skips every finished stage; a stage whose inputs changed is refused rather than
+    mixed with the new ones. Under torchrun only training stages (all_ranks) run on every rank; data stages run
+    on rank 0 while the others wait at the barrier."""
+    from llmx.trainer.distributed import barrier
+
+    key = sha256_text(json.dumps(upstream, sort_keys=True, default=str))
+    marker = d / "stage.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done["key"] != key:
+            raise LlmxError(f"{d}: stage {d.name} was produced by a different config; use a new run directory")
+        say(f"{d.name}: done in an earlier run")
+        return done["summary"]
+    d.mkdir(parents=True, exist_ok=True)
+    summary: Dict[str, Any] = {}
+    if all_ranks or is_main:
+        t0 = time.perf_counter()
+        say(f"{d.name} ...")
+        summary = fn(d)
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        if is_main:
+            atomic_write_json(marker, {"key": key, "summary": summary})
+        say(f"{d.name}: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})}")
+    barrier()
+    return summary if summary else json.loads(marker.read_text())["summary"]

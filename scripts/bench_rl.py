@@ -51,7 +51,7 @@ TINY_PROMPT = "Ask about the details you need, one question per turn. Then say I
 
 def bench_rollout(policy: str, n_tasks: int, seed: int, batch_size: int, system_prompt: str):
     from llmx.bench.backends import HFBackend
-    from llmx.recipes.rl import load_policy
+    from llmx.rl.train import load_policy
     from llmx.rl.colbench import generate_tasks
     from llmx.rl.env import CollabEnv
     from llmx.rl.rollout import run_episodes
@@ -72,7 +72,7 @@ def bench_rollout(policy: str, n_tasks: int, seed: int, batch_size: int, system_
 
 def bench_training(policy: str, steps: int, seed: int):
     """Steps of each loss on the same model with AdamW, same tokens per step."""
-    from llmx.recipes.rl import add_reference, load_policy, pair_loss, sft_loss
+    from llmx.rl.train import add_reference, load_policy, pair_loss, sft_loss
     from llmx.rl.chat import render
     from llmx.rl.colbench import generate_tasks, scripted_turns
     from llmx.rl.data import collate_pairs, collate_sequences

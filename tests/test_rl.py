@@ -157,7 +157,7 @@ def _tiny_model(vocab=64):
 def test_pair_loss_with_padding_equals_float64_per_pair_formula():
     """The recipe's pair loss on a padded micro-batch equals the DPO / Bradley-Terry formula computed pair by
     pair, unpadded, in float64: padding and batching change nothing."""
-    from llmx.recipes.rl import add_reference, pair_loss
+    from llmx.rl.train import add_reference, pair_loss
     from llmx.rl.data import collate_pairs
 
     model = _tiny_model().double()

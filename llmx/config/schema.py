@@ -25,6 +25,7 @@ class RecipeKind(str, Enum):
     merge = "merge"
     rl = "rl"
     generate_bench = "generate_bench"
+    synthesize = "synthesize"  # training data generated from documents by LLMs (NaturalReasoning)
 
 
 class ModelSource(str, Enum):
@@ -675,6 +676,89 @@ class RLConfig:
 
 
 @dataclass
+class SynthDocsConfig:
+    source: str = "builtin"  # files | hub | builtin (llmx.reasoning.documents: worked problems + pydoc sections)
+    paths: List[str] = field(default_factory=list)  # files: .txt/.jsonl/.json/.parquet (optionally .gz), dirs, globs
+    text_field: str = "text"
+    hub_name: Optional[str] = None  # hub: e.g. mlfoundations/dclm-baseline-1.0, HuggingFaceTB/finemath (streamed)
+    hub_config: Optional[str] = None
+    split: str = "train"
+    limit: Optional[int] = None  # the first N documents (after exact-duplicate removal); null: all
+    builtin_worked: int = 200  # builtin: GSM-Infinite worked solutions
+    builtin_docs: int = 200  # builtin: Python documentation sections
+    max_chars: int = 6000  # what the judge and the writer see of a document
+
+
+@dataclass
+class SynthLLMConfig:
+    """The model behind one stage. hf: the model group's model, locally; openai: a served model (vLLM, SGLang,
+    `llmx serve`); rules: llmx.reasoning.rules (annotate, synthesize); oracle: respond with the document's own
+    worked solution (builtin documents)."""
+
+    backend: str = "hf"
+    base_url: Optional[str] = None
+    model_name: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    max_retries: int = 6
+    timeout_s: float = 600.0
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    chat_template: bool = True
+
+
+@dataclass
+class SynthSelfTrainConfig:
+    samples: int = 8  # responses sampled per question (the paper: 32)
+    temperature: float = 0.8
+    max_new_tokens: int = 192
+    scorer: str = "self_consistency"  # self_consistency | self_score (log p(yes) - log p(no) of the model's own judgement)
+    self_score_filter: bool = False  # drop a question whose best response self-scores < 0
+    seed: int = 0
+
+
+@dataclass
+class SynthTrainConfig:
+    lr: float = 1e-5
+    epochs: float = 1.0
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    beta: float = 0.1  # DPO
+    nll: float = 0.0  # DPO: weight of the chosen response's NLL
+    warmup_steps: int = 0
+    seq_len: int = 512  # longest prompt + response kept (longer are dropped, counted)
+
+
+@dataclass
+class SynthConfig:
+    # all: every phase in this process; generate (annotate + synthesize, sharded) -> filter (merge shards, dedup,
+    # decontaminate) -> respond (sharded) -> assemble (the dataset) -> train (the uses): for Slurm arrays.
+    phase: str = "all"
+    work_dir: Optional[str] = None  # shared by every shard and phase; null: the run directory
+    shard_index: int = 0
+    shard_count: int = 1
+    docs: SynthDocsConfig = field(default_factory=SynthDocsConfig)
+    judge: SynthLLMConfig = field(default_factory=SynthLLMConfig)
+    writer: SynthLLMConfig = field(default_factory=SynthLLMConfig)
+    teacher: SynthLLMConfig = field(default_factory=lambda: SynthLLMConfig(max_new_tokens=512))
+    min_score: int = 4  # rubric total (-2..6) a document needs to be kept
+    dedup_threshold: float = 0.55
+    dedup_num_perm: int = 128
+    dedup_shingle: int = 3
+    benchmarks: List[str] = field(default_factory=list)  # MATH / GPQA / MMLU-Pro files, GSM-Infinite output dirs
+    ngram: int = 13
+    responses_per_question: int = 1
+    eval_fraction: float = 0.2  # documents held out (by id) for the uses' evaluation
+    eval_max_new_tokens: int = 192
+    uses: List[str] = field(default_factory=list)  # distill | rft | dpo
+    selftrain: SynthSelfTrainConfig = field(default_factory=SynthSelfTrainConfig)
+    train: SynthTrainConfig = field(default_factory=SynthTrainConfig)
+
+
+@dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
     name: str = MISSING
@@ -699,6 +783,7 @@ class LlmxConfig:
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

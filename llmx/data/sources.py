@@ -273,10 +273,17 @@ def _field(record: Any, field: str, where: str) -> Optional[str]:
 
 
 def read_documents(path: Path, text_field: str) -> Iterator[str]:
-    """Documents of one file: a .txt file is one document; .jsonl/.json/.parquet give one per record.
+    """Documents of one file, streamed: a .txt file is one document; .jsonl/.json/.parquet give one per record
+    (.jsonl line by line and .parquet by record batch, so a multi-GB shard is never held whole).
 
     Empty and null texts are skipped: they would only add a lone EOS token to the stream.
     """
+    for text in _texts(path, text_field):
+        if isinstance(text, str) and text:
+            yield text
+
+
+def _texts(path: Path, text_field: str) -> Iterator[Optional[str]]:
     name = path.name.lower()
     base = name[:-3] if name.endswith(".gz") else name
     opener: Callable[..., Any] = gzip.open if name.endswith(".gz") else open
@@ -284,34 +291,35 @@ def read_documents(path: Path, text_field: str) -> Iterator[str]:
         if base.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            columns = pq.read_schema(path).names
+            pf = pq.ParquetFile(path)
+            columns = pf.schema_arrow.names
             if text_field not in columns:
                 raise LlmxError(f"{path}: no column {text_field!r} (data.text_field); columns present: {columns}")
-            texts: Iterable[Optional[str]] = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
+            for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+                yield from batch.column(0).to_pylist()
         elif base.endswith(".txt"):
             with opener(path, "rt", encoding="utf-8") as f:
-                texts = [f.read()]
+                yield f.read()
         elif base.endswith(".jsonl"):
             with opener(path, "rt", encoding="utf-8") as f:
-                texts = [
-                    _field(json.loads(line), text_field, f"{path}:{i}")
-                    for i, line in enumerate(f, 1)
-                    if line.strip()
-                ]
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise LlmxError(f"{path}:{i}: invalid JSON ({e})") from e
+                        yield _field(record, text_field, f"{path}:{i}")
         elif base.endswith(".json"):
             with opener(path, "rt", encoding="utf-8") as f:
                 data = json.load(f)
             records = data if isinstance(data, list) else [data]
-            texts = [_field(r, text_field, f"{path}[{i}]") for i, r in enumerate(records)]
+            yield from (_field(r, text_field, f"{path}[{i}]") for i, r in enumerate(records))
         else:
             raise LlmxError(f"{path}: unsupported extension; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
     except UnicodeDecodeError as e:
         raise LlmxError(f"{path}: not UTF-8 text ({e})") from e
     except json.JSONDecodeError as e:
         raise LlmxError(f"{path}: invalid JSON ({e})") from e
-    for text in texts:
-        if isinstance(text, str) and text:
-            yield text
 
 
 def _files(cfg: DictConfig, split: str) -> Documents:

@@ -33,17 +33,17 @@ single-process). Reference log-probs are computed once per stage with the initia
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, enum_value, plain, sha256_text
+from llmx.rl.train import add_reference, load_policy, pair_accuracy, pair_item, schedule, train, turn_sums
+from llmx.utils import (LlmxError, atomic_write_json, atomic_write_text, cached_stage, enum_value, plain,
+                        sha256_text)
 
 CRITICS = {"sweet": "critic", "sweet_no_info": "critic_no_info", "sweet_no_norm": "critic_no_norm",
            "sweet_value": "critic_value"}
@@ -155,34 +155,10 @@ class Run:
 
     def stage(self, name: str, upstream: Dict[str, Any], fn: Callable[[Path], Dict[str, Any]],
               all_ranks: bool = False) -> Dict[str, Any]:
-        """Run `fn(stage_dir)` unless stage.json says it ran with the same inputs; returns its summary.
-
-        Under torchrun only training stages (all_ranks) run on every rank; data stages (rollouts, sampling,
-        ranking, evaluation) run on rank 0 while the others wait. At scale, run the data stages in one process
-        and the training stages under torchrun, in the same run directory: each finds the other's stages done."""
-        from llmx.trainer.distributed import barrier
-
-        d = self.dir / name
-        key = sha256_text(json.dumps(upstream, sort_keys=True, default=str))
-        marker = d / "stage.json"
-        if marker.is_file():
-            done = json.loads(marker.read_text())
-            if done["key"] != key:
-                raise LlmxError(f"{d}: stage {name} was produced by a different config; use a new run directory")
-            self.say(f"{name}: done in an earlier run")
-            return done["summary"]
-        d.mkdir(parents=True, exist_ok=True)
-        summary: Dict[str, Any] = {}
-        if all_ranks or self.info.is_main:
-            t0 = time.perf_counter()
-            self.say(f"{name} ...")
-            summary = fn(d)
-            summary["seconds"] = round(time.perf_counter() - t0, 2)
-            if self.info.is_main:
-                atomic_write_json(marker, {"key": key, "summary": summary})
-            self.say(f"{name}: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})}")
-        barrier()
-        return summary if summary else json.loads(marker.read_text())["summary"]
+        """llmx.utils.cached_stage in the run directory's `name`. At scale, run the data stages in one process and
+        the training stages under torchrun, in the same run directory: each finds the other's stages done."""
+        return cached_stage(self.dir / name, upstream, fn, say=self.say, is_main=self.info.is_main,
+                            all_ranks=all_ranks)
 
     def agent(self, policy: str, temperature: float, seed: int):
         from llmx.bench.backends import HFBackend, OpenAIBackend
@@ -299,7 +275,7 @@ class Run:
         tcfg = {"lr": w.lr, "batch_size": w.batch_size, "micro_batch_size": max(1, w.batch_size // self.info.world_size),
                 "warmup_steps": 20,
                 "steps": w.steps}
-        final = self.train(d, model, tok, items[n_val:], items[:n_val], "sft", tcfg)
+        final = train(self.cfg, self.info, d, model, tok, items[n_val:], items[:n_val], "sft", tcfg)
         return {"episodes": len(dialogues), "vocab": len(tok), "parameters": sum(p.numel() for p in model.parameters()),
                 "scripted_success": sum(self._scripted_reward(t, dlg) >= 1 for t, dlg in zip(episodes[:200], dialogues))
                 / max(1, min(200, len(episodes))), **final}
@@ -382,8 +358,9 @@ class Run:
             items = [dict(zip(("ids", "segments"), render(tok, rec["dialogue_history"], self.system_prompt())))
                      for rec in wins]
             n_val = max(2, len(items) // 10)
-            return {"trajectories": len(items), **self.train(d, model, tok, items[n_val:], items[:n_val], "sft",
-                                                              self.tcfg(self.r.rft, len(items) - n_val))}
+            t = schedule(self.r.rft, len(items) - n_val)
+            return {"trajectories": len(items),
+                    **train(self.cfg, self.info, d, model, tok, items[n_val:], items[:n_val], "sft", t)}
 
         self.stage("rft", {**up, "rft": plain(self.r.rft)}, run, all_ranks=True)
         return str(self.dir / "rft" / "hf")
@@ -392,14 +369,14 @@ class Run:
         def run(d: Path) -> Dict[str, Any]:
             model, tok = load_policy(policy0)
             sysp = self.system_prompt()
-            items = [self.pair_item(tok, c["dialogue_history"], r["dialogue_history"], sysp, sysp)
+            items = [pair_item(tok, c["dialogue_history"], r["dialogue_history"], sysp, sysp)
                      for c, r in pairs_train]
-            held = [self.pair_item(tok, c["dialogue_history"], r["dialogue_history"], sysp, sysp)
+            held = [pair_item(tok, c["dialogue_history"], r["dialogue_history"], sysp, sysp)
                     for c, r in pairs_held]
             add_reference(model, items + held, self.info.device)
             mode = ("pairs", enum_value(self.r.mtdpo_normalize), self.r.mtdpo.beta, self.r.mtdpo.nll)
-            return {"pairs": len(items), **self.train(d, model, tok, items, held, mode,
-                                                      self.tcfg(self.r.mtdpo, len(items)))}
+            t = schedule(self.r.mtdpo, len(items))
+            return {"pairs": len(items), **train(self.cfg, self.info, d, model, tok, items, held, mode, t)}
 
         self.stage("mtdpo", {**up, "mtdpo": plain(self.r.mtdpo), "norm": enum_value(self.r.mtdpo_normalize)}, run,
                    all_ranks=True)
@@ -424,7 +401,7 @@ class Run:
             model, tok = load_policy(policy0)
 
             def item(c, r):
-                return self.pair_item(tok, c["dialogue_history"], r["dialogue_history"],
+                return pair_item(tok, c["dialogue_history"], r["dialogue_history"],
                                       self.critic_system(c["task"], setup["info"]),
                                       self.critic_system(r["task"], setup["info"]))
 
@@ -434,8 +411,8 @@ class Run:
             held = [item(c, r) for c, r in pairs_held]
             add_reference(model, items + held, self.info.device)
             c = self.r.critic
-            final = self.train(d, model, tok, items, held, ("pairs", setup["normalize"], c.beta, c.nll),
-                               self.tcfg(c, len(items)))
+            mode = ("pairs", setup["normalize"], c.beta, c.nll)
+            final = train(self.cfg, self.info, d, model, tok, items, held, mode, schedule(c, len(items)))
             trained, _ = load_policy(str(d / "hf"))
             acc = pair_accuracy(trained, held, setup["normalize"], self.info.device)
             return {"pairs": len(items), "held_out_pairs": len(held), "held_out_accuracy": acc, **final}
@@ -492,24 +469,17 @@ class Run:
             n_val = max(2, len(items) // 20)  # >= 2: the same split on 1 and 2 ranks
             add_reference(model, items, self.info.device)
             a = self.r.actor
-            return {"pairs": len(items), **self.train(d, model, tok, items[n_val:], items[:n_val],
-                                                      ("pairs", "none", a.beta, a.nll), self.tcfg(a, len(items) - n_val))}
+            mode, t = ("pairs", "none", a.beta, a.nll), schedule(a, len(items) - n_val)
+            return {"pairs": len(items), **train(self.cfg, self.info, d, model, tok, items[n_val:], items[:n_val], mode, t)}
 
         self.stage(actor_name, {**up_s, "critic": setup, "actor": plain(self.r.actor), "pairs_per_turn": self.r.pairs_per_turn},
                    actor, all_ranks=True)
         return str(self.dir / actor_name / "hf")
 
     # -- items, scoring, training --
-    def pair_item(self, tok, chosen, rejected, sys_c: str, sys_r: str) -> Dict[str, Any]:
-        from llmx.rl.chat import render
-
-        ci, cs = render(tok, chosen, sys_c)
-        ri, rs = render(tok, rejected, sys_r)
-        return {"chosen_ids": ci, "chosen_segments": cs, "rejected_ids": ri, "rejected_segments": rs}
-
     def turn_pair_item(self, tok, pair: Dict[str, Any], sysp: str) -> Dict[str, Any]:
         """A per-turn pair: the shared history, then the chosen or the rejected turn, the only target."""
-        item = self.pair_item(tok, pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}],
+        item = pair_item(tok, pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}],
                               pair["messages"] + [{"role": "assistant", "content": pair["rejected"]}], sysp, sysp)
         for side in ("chosen", "rejected"):
             seg = item[f"{side}_segments"]
@@ -548,52 +518,6 @@ class Run:
             out.append(flat[k: k + len(t["candidates"])])
             k += len(t["candidates"])
         return out
-
-    def tcfg(self, t, n_items: int) -> Dict[str, Any]:
-        steps = max(1, math.ceil(t.epochs * n_items / t.batch_size))
-        return {"lr": t.lr, "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
-                "warmup_steps": t.warmup_steps, "steps": steps}
-
-    def train(self, d: Path, model, tok, items, val_items, mode, t: Dict[str, Any]) -> Dict[str, Any]:
-        """Train `model` on `items` with the trainer core (resuming from d's newest checkpoint), export it to
-        d/hf. mode "sft": NLL on the agent tokens; ("pairs", normalize, beta, nll): DPO / Bradley-Terry."""
-        from omegaconf import open_dict
-
-        from llmx.rl.data import ItemLoader, collate_pairs, collate_sequences, item_eval_batches
-        from llmx.trainer.checkpoint import find_newest
-        from llmx.trainer.trainer import Trainer
-
-        if len(val_items) < self.info.world_size:
-            # The trainer's evaluation needs at least one held-out item per rank; a small split gets the missing
-            # ones from the end of the training items.
-            need = self.info.world_size - len(val_items)
-            items, val_items = list(items[:-need]), list(val_items) + list(items[-need:])
-        if len(items) < t["batch_size"]:
-            raise LlmxError(f"{d.name}: {len(items)} training items, fewer than one batch of {t['batch_size']}; "
-                            "collect more data (rl.tasks.n_train, rl.copies) or lower the batch size")
-        collate = collate_sequences if mode == "sft" else collate_pairs
-        loss_fn = sft_loss if mode == "sft" else pair_loss(*mode[1:])
-        stage_cfg = copy.deepcopy(self.cfg)
-        with open_dict(stage_cfg):
-            stage_cfg.name = f"{self.cfg.name}/{d.name}"
-            stage_cfg.run_dir = str(d)
-            stage_cfg.trainer.max_steps = t["steps"]
-            stage_cfg.trainer.batch_size = t["batch_size"]
-            stage_cfg.trainer.micro_batch_size = t["micro_batch_size"]
-            stage_cfg.trainer.export_hf = True
-            stage_cfg.trainer.eval_every = 0
-            stage_cfg.trainer.eval_batches = max(1, len(val_items) // t["micro_batch_size"])
-            stage_cfg.optim.lr = t["lr"]
-            stage_cfg.optim.warmup_steps = min(t["warmup_steps"], t["steps"] - 1)
-            stage_cfg.resume = "auto" if find_newest([d]) else None
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        loader = ItemLoader(items, collate, pad, batch_size=t["batch_size"], micro_batch_size=t["micro_batch_size"],
-                            rank=self.info.rank, world_size=self.info.world_size, seed=self.cfg.seed, shuffle=True)
-        trainer = Trainer(stage_cfg, d, self.info, model, loader, val_items, tokenizer=tok, loss_fn=loss_fn,
-                          eval_batches_fn=item_eval_batches(val_items, collate, pad))
-        final = trainer.fit()
-        return {k: v for k, v in final.items() if k in ("step", "train_loss", "val_loss", "tokens_per_s", "train_time_s",
-                                                         "peak_mem_mb")}
 
     def train_value_critic(self, d: Path, model, tok, pairs_train, pairs_held, setup) -> Dict[str, Any]:
         """The "w/ value function" ablation: a value head on the policy's backbone, trained (BCE) to predict a
@@ -672,7 +596,7 @@ class Run:
                     v = value_scores(self.dir / name / "value.pt", policy0, rows, self.info.device)
                     acc = sum(a > b for a, b in zip(v[0::2], v[1::2])) / len(pairs)
                 else:
-                    items = [self.pair_item(tok, c["dialogue_history"], r["dialogue_history"],
+                    items = [pair_item(tok, c["dialogue_history"], r["dialogue_history"],
                                             self.critic_system(c["task"], setup["info"]),
                                             self.critic_system(r["task"], setup["info"])) for c, r in pairs]
                     add_reference(model, items, self.info.device)
@@ -705,89 +629,6 @@ class Run:
                 name, key = (f"bestofn_{CRITICS[method]}_{n}", {"critic": setup}) if n > 1 else ("bestofn_1", {})
                 out[f"{CRITICS[method]}/N={n}"] = self.stage(name, {**up, **key, "n": n, "tasks": len(probe)}, run)
         return out
-
-
-# --- losses on the trainer core ------------------------------------------------------------------------
-
-
-def sft_loss(model, batch) -> torch.Tensor:
-    """Summed NLL of the agent-turn tokens (the trainer divides by batch["n_targets"] over the step)."""
-    from llmx.rl.losses import token_logps
-
-    ids = batch["input_ids"]
-    logps = token_logps(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, ids)
-    return -(logps * (batch["segments"][:, 1:] > 0)).sum()
-
-
-def pair_loss(normalize: str, beta: float, nll: float):
-    """Per-pair DPO (normalize=none: summed log-ratios, Eq. 4) or SWEET's Bradley-Terry on turn advantages
-    (Eq. 2-3), plus `nll` x the chosen sequence's mean token NLL; summed over the micro-batch's pairs."""
-    from llmx.rl.losses import bt_loss, critic_score, dpo_loss, nll_loss, segment_logps, token_logps
-
-    def loss(model, batch) -> torch.Tensor:
-        ids, seg, ref = batch["input_ids"], batch["segments"], batch["ref_sums"]
-        logps = token_logps(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, ids)
-        sums, counts = segment_logps(logps, seg, ref.shape[1])
-        m = ids.shape[0] // 2
-        ref = ref.to(sums.dtype)
-        if normalize == "none":
-            pol, r = sums.sum(-1), ref.sum(-1)
-            out = dpo_loss(pol[:m], pol[m:], r[:m], r[m:], beta)[0]
-        else:
-            score = critic_score(sums, ref, counts, normalize)
-            out = bt_loss(score[:m], score[m:], beta)
-        if nll:
-            out = out + nll * nll_loss(logps[:m], seg[:m, 1:] > 0)
-        return out.sum()
-
-    return loss
-
-
-@torch.no_grad()
-def turn_sums(model, rows: Sequence[Dict[str, Any]], device, batch_size: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-turn summed log-probs and token counts of `rows` ({ids, segments}) under `model`."""
-    from llmx.rl.data import collate_sequences
-    from llmx.rl.losses import segment_logps, token_logps
-
-    model = model.to(device).eval()
-    turns = max(max(r["segments"]) for r in rows)
-    sums, counts = [], []
-    pad = getattr(model.config, "pad_token_id", None) or 0
-    for lo in range(0, len(rows), batch_size):
-        b = collate_sequences(rows[lo: lo + batch_size], pad)
-        logps = token_logps(model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits,
-                            b["input_ids"].to(device))
-        s, c = segment_logps(logps, b["segments"].to(device), turns)
-        sums.append(s.double().cpu())
-        counts.append(c.cpu())
-    return torch.cat(sums), torch.cat(counts)
-
-
-def add_reference(model, items: List[Dict[str, Any]], device) -> None:
-    """Store the reference model's per-turn summed log-probs in each pair item (computed once, before training:
-    the model passed in is the initial policy, i.e. π_ref)."""
-    for side in ("chosen", "rejected"):
-        rows = [{"ids": it[f"{side}_ids"], "segments": it[f"{side}_segments"]} for it in items]
-        sums, _ = turn_sums(model, rows, device)
-        for it, s in zip(items, sums):
-            it[f"ref_{side}"] = s[: max(max(it[f"{side}_segments"]), 1)].tolist()
-
-
-def pair_accuracy(model, items, normalize: str, device) -> float:
-    """Share of held-out pairs whose chosen trajectory the critic scores higher (its Eq. 2 score)."""
-    from llmx.rl.losses import critic_score
-
-    if not items:
-        return float("nan")
-    scores = {}
-    for side in ("chosen", "rejected"):
-        rows = [{"ids": it[f"{side}_ids"], "segments": it[f"{side}_segments"]} for it in items]
-        sums, counts = turn_sums(model, rows, device)
-        ref = torch.zeros_like(sums)
-        for i, it in enumerate(items):
-            ref[i, : len(it[f"ref_{side}"])] = torch.tensor(it[f"ref_{side}"], dtype=ref.dtype)
-        scores[side] = critic_score(sums, ref, counts, normalize)
-    return float((scores["chosen"] > scores["rejected"]).double().mean())
 
 
 def value_scores(path: Path, policy0: str, rows, device) -> List[float]:
@@ -839,16 +680,6 @@ class CriticPicker:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
-
-
-def load_policy(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def split_pairs(records, seed: int, held_share: float = 0.1):
