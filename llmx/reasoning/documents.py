@@ -44,7 +44,7 @@ def iter_documents(source: str, *, paths: Sequence[str] = (), text_field: str = 
     if source == "files":
         texts = _files(paths, text_field)
     elif source == "hub":
-        texts = _hub(hub_name, hub_config, split, text_field)
+        texts = _hub(hub_name, hub_config, split, text_field, paths)
     elif source == "builtin":
         texts = builtin_documents(builtin_worked, builtin_docs, seed)
     else:
@@ -85,11 +85,13 @@ def _files(paths: Sequence[str], text_field: str):
                         f"(text field {text_field!r}): {[str(p) for p in files[:5]]}")
 
 
-def _hub(name: str, config: Optional[str], split: str, text_field: str):
+def _hub(name: str, config: Optional[str], split: str, text_field: str, paths: Sequence[str] = ()):
+    """A hub dataset, streamed (paths, when given, are its data_files: a builder name such as "json" or
+    "parquet" then reads local shards the same way)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=list(paths) or None)
     except Exception as e:  # the hub raises many types (connection, missing config, auth)
         raise LlmxError(f"synth.docs.hub_name={name!r} (config {config!r}, split {split!r}) could not be opened: {e}") from e
     for k, row in enumerate(ds):
