@@ -192,6 +192,19 @@ def test_dedup_is_independent_of_order_and_counts_same_text(docs, tmp_path):
     assert rep["same_text"] == 1 and rep["removed"] == len(batch) - len(a) >= 2
 
 
+def test_decontaminate_removes_questions_sharing_a_13_gram_with_a_named_benchmark(docs, tmp_path):
+    kept, _ = pipeline.annotate(docs, RuleBackend(), tmp_path / "a.jsonl", min_score=4)
+    questions, _ = pipeline.synthesize(kept, RuleBackend(), tmp_path / "s.jsonl")
+    leaked = " ".join(questions[3]["question"].split()[-13:])
+    math = tmp_path / "math_test.jsonl"
+    math.write_text(json.dumps({"problem": f"Compute this: {leaked}", "solution": "x", "level": "Level 1"}) + "\n"
+                    + json.dumps({"problem": "What is 2 + 2?", "solution": "4", "level": "Level 1"}) + "\n")
+    out, rep = pipeline.decontaminate(questions, [str(math)], n=13)
+    contaminated = [q for q in questions if leaked in " ".join(q["question"].split())]
+    assert len(out) == len(questions) - len(contaminated) and questions[3] not in out
+    assert rep["removed"] == len(contaminated) and sum(rep["removed_per_benchmark"].values()) == len(contaminated)
+
+
 def test_card_statistics():
     rows = [{"question": "a b c", "reference_answer": None, "responses": [{"response": "x y"}], "meta": {}},
             {"question": "a b c d e", "reference_answer": "42", "responses": [{"response": "x"}], "meta": {"domain": "math"}}]
