@@ -402,8 +402,8 @@ class Run:
 
             def item(c, r):
                 return pair_item(tok, c["dialogue_history"], r["dialogue_history"],
-                                      self.critic_system(c["task"], setup["info"]),
-                                      self.critic_system(r["task"], setup["info"]))
+                                 self.critic_system(c["task"], setup["info"]),
+                                 self.critic_system(r["task"], setup["info"]))
 
             if setup["value"]:
                 return self.train_value_critic(d, model, tok, pairs_train, pairs_held, setup)
@@ -480,7 +480,7 @@ class Run:
     def turn_pair_item(self, tok, pair: Dict[str, Any], sysp: str) -> Dict[str, Any]:
         """A per-turn pair: the shared history, then the chosen or the rejected turn, the only target."""
         item = pair_item(tok, pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}],
-                              pair["messages"] + [{"role": "assistant", "content": pair["rejected"]}], sysp, sysp)
+                         pair["messages"] + [{"role": "assistant", "content": pair["rejected"]}], sysp, sysp)
         for side in ("chosen", "rejected"):
             seg = item[f"{side}_segments"]
             last = max(seg)
@@ -597,8 +597,8 @@ class Run:
                     acc = sum(a > b for a, b in zip(v[0::2], v[1::2])) / len(pairs)
                 else:
                     items = [pair_item(tok, c["dialogue_history"], r["dialogue_history"],
-                                            self.critic_system(c["task"], setup["info"]),
-                                            self.critic_system(r["task"], setup["info"])) for c, r in pairs]
+                                       self.critic_system(c["task"], setup["info"]),
+                                       self.critic_system(r["task"], setup["info"])) for c, r in pairs]
                     add_reference(model, items, self.info.device)
                     trained, _ = load_policy(str(self.dir / name / "hf"))
                     acc = pair_accuracy(trained, items, setup["normalize"], self.info.device)
