@@ -33,6 +33,7 @@ import json
 import queue
 import random
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -139,8 +140,10 @@ def parse_request(api: str, body: Any, backend: HFBackend, model_name: str) -> J
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, f"prompt={prompt!r} is not valid: a completion needs a non-empty string prompt")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", backend.max_new_tokens, 1, 1 << 20, True)
+    # Newer OpenAI clients send max_completion_tokens instead of max_tokens.
+    max_tokens = _number(body, "max_tokens", None, 1, 1 << 20, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_completion_tokens", backend.max_new_tokens, 1, 1 << 20, integer=True)
     temperature = float(_number(body, "temperature", backend.temperature, 0, 2))
     top_p = float(_number(body, "top_p", backend.top_p, 0, 1))
     if top_p == 0:
@@ -363,6 +366,15 @@ def _handler(server: "Server") -> type:
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client closing a kept-alive connection (a killed run, a closed pool) is normal, not an error.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class Server:
     """An OpenAI-compatible server over `backend`, running in background threads from construction.
 
@@ -390,10 +402,9 @@ class Server:
         self.model_name = model_name or backend.name
         self.created = int(time.time())
         try:
-            self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+            self.httpd = _HTTPServer((host, port), _handler(self))
         except OSError as e:
             raise LlmxError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        self.httpd.daemon_threads = True
         self.host, self.port = host, self.httpd.server_address[1]
         self.generator = Generator(backend, batch_wait_s)
         self._http_thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="llmx-serve-http",
