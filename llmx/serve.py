@@ -381,7 +381,9 @@ class Server:
         with Server(backend) as server:        # port 0: any free port
             client = OpenAIBackend(server.base_url, server.model_name)
 
-    `batch_sizes` lists the rows of every generate call (how much batching happened)."""
+    `batch_sizes` lists the rows of every generate call (how much batching happened). `batch_wait_s`: how
+    long the generation thread waits, after a request finds it idle, for others sent at the same time (without
+    it, clients that got their replies a few ms apart fall out of step and are served in small batches)."""
 
     def __init__(
         self,
@@ -390,7 +392,7 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 0,
         model_name: Optional[str] = None,
-        batch_wait_s: float = 0.005,
+        batch_wait_s: float = 0.02,
     ):
         if not isinstance(backend, HFBackend):
             raise LlmxError(f"llmx serve needs an hf backend, not {type(backend).__name__}")

