@@ -6,6 +6,7 @@
     llmx show recipe=X [OVERRIDES...]   the resolved config
     llmx validate                       compose and type-check every config in conf/
     llmx report RUN_DIR...              final metrics of runs or sweeps, as a table and plots
+    llmx serve model=X [--port 8000]    an OpenAI-compatible HTTP server over a local model
 
 Only typer is imported at start-up; Hydra, torch and transformers load inside the commands, so
 `llmx --help` and `llmx list` answer at once.
@@ -220,6 +221,52 @@ def report(
     target = out or (run_dirs[0] if len(run_dirs) == 1 else Path("."))
     for path in write_report(runs, target):
         typer.echo(f"wrote {path}")
+
+
+@app.command(context_settings=EXTRA)
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: reachable from other nodes)."),
+    port: int = typer.Option(8000, help="TCP port (0: any free port)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Served model name (default: model.name)."),
+):
+    """Serve a model over an OpenAI-compatible HTTP API:
+    `llmx serve model=smollm2_135m evaluator.batch_size=8 --port 8000`.
+
+    The model comes from model=..., generation defaults (batch_size, max_new_tokens, temperature, device,
+    dtype, system_prompt) from evaluator.*; requests may override max_tokens, temperature, top_p, seed, stop."""
+    import signal
+
+    from llmx.utils import LlmxError
+
+    overrides = list(ctx.args)
+    if not _has_override(overrides, "evaluator"):
+        overrides = ["evaluator=hf"] + overrides
+    cfg = _compose_or_exit(overrides)
+    source = str(getattr(cfg.model.source, "value", cfg.model.source))
+    if source not in ("hf", "gguf"):
+        _fail(f"llmx serve needs a pretrained model (model.source=hf or gguf, e.g. model=smollm2_135m); "
+              f"model={cfg.model.name} has source={source}")
+    backend_kind = str(getattr(cfg.evaluator.backend, "value", cfg.evaluator.backend))
+    if backend_kind != "hf":
+        _fail(f"llmx serve runs the model itself: evaluator={backend_kind} is not valid; use evaluator=hf")
+    from llmx.bench.backends import build_backend
+    from llmx.serve import Server
+
+    try:
+        server = Server(build_backend(cfg.evaluator, cfg.model), host=host, port=port, model_name=model_name)
+    except LlmxError as e:
+        _fail(str(e))
+    # Slurm and process managers stop with SIGTERM: shut down as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: server.close())
+    typer.echo(f"llmx: serving {server.model_name} at {server.base_url} (Ctrl-C stops)")
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    typer.echo("llmx: server stopped")
 
 
 def main() -> None:

@@ -151,6 +151,15 @@ def _weights_digest(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise LlmxError(f"hf backend: max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise LlmxError(f"hf backend: temperature={temperature} must be >= 0")
+    if not 0 < top_p <= 1:
+        raise LlmxError(f"hf backend: top_p={top_p} must be in (0, 1]")
+
+
 class HFBackend(Backend):
     """Batched `model.generate` on a local transformers causal LM, with left padding."""
 
@@ -175,12 +184,7 @@ class HFBackend(Backend):
 
         if batch_size < 1:
             raise LlmxError(f"hf backend: batch_size={batch_size} must be >= 1")
-        if max_new_tokens < 1:
-            raise LlmxError(f"hf backend: max_new_tokens={max_new_tokens} must be >= 1")
-        if temperature < 0:
-            raise LlmxError(f"hf backend: temperature={temperature} must be >= 0")
-        if not 0 < top_p <= 1:
-            raise LlmxError(f"hf backend: top_p={top_p} must be in (0, 1]")
+        _check_sampling(max_new_tokens, temperature, top_p)
         self.device = torch.device(device)
         if dtype is not None:
             from llmx.models.pretrained import resolve_dtype
@@ -206,6 +210,34 @@ class HFBackend(Backend):
         self.sort_by_length = True  # batch similar prompt lengths together (off only to measure its effect)
         self.stats: Dict[str, Any] = {}  # of the last generate(): rows, pad tokens, tokens, seconds
         self._fingerprint: Optional[Dict[str, Any]] = None
+
+    def with_sampling(
+        self,
+        *,
+        max_new_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        stop: Any = None,
+        chat_template: Optional[bool] = None,
+    ) -> "HFBackend":
+        """This backend (the same model and tokenizer, not reloaded) with other generation settings;
+        None keeps a setting. The original is not changed, so several settings can be served at once."""
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        temperature = self.temperature if temperature is None else float(temperature)
+        top_p = self.top_p if top_p is None else float(top_p)
+        _check_sampling(max_new_tokens, temperature, top_p)
+        clone = copy.copy(self)
+        clone.max_new_tokens, clone.temperature, clone.top_p = max_new_tokens, temperature, top_p
+        if stop is not None:
+            clone.stop = _stop_list(stop)
+        if chat_template is not None:
+            clone.use_chat_template = bool(chat_template) and bool(getattr(self.tokenizer, "chat_template", None))
+        clone.stats = {}
+        clone._fingerprint = None  # the parent's would name its own settings
+        return clone
+
+    def with_temperature(self, temperature: float) -> "HFBackend":
+        return self if self.temperature == float(temperature) else self.with_sampling(temperature=temperature)
 
     def fingerprint(self) -> Dict[str, Any]:
         if self._fingerprint is None:
@@ -279,7 +311,7 @@ class HFBackend(Backend):
         partial: Dict[str, List[Optional[str]]] = {}
         for batch in batches:
             t0 = time.perf_counter()
-            new_ids = self._generate_rows([ids for _, _, ids in batch], [(key, j) for key, j, _ in batch])
+            new_ids = self.generate_rows([ids for _, _, ids in batch], [(key, j) for key, j, _ in batch])
             stats["seconds"] += time.perf_counter() - t0
             width = max(len(ids) for _, _, ids in batch)
             stats["rows"] += len(batch)
@@ -295,7 +327,7 @@ class HFBackend(Backend):
                     replies = [str(x) for x in slots]
                     on_result(key, replies if len(replies) == r.n else replies * r.n)
 
-    def _generate_rows(self, rows: List[List[int]], ids: List[Tuple[str, int]]) -> List[List[int]]:
+    def generate_rows(self, rows: List[List[int]], ids: List[Tuple[str, int]]) -> List[List[int]]:
         """Left-pad `rows`, run model.generate, return each row's new tokens up to (not incl.) EOS/pad.
 
         `ids` (key, sample index) seed each row's sampling noise."""
@@ -391,6 +423,18 @@ def _parse_retry_after(value: Optional[str]) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _error_message(resp: Any) -> str:
+    """The server's own words for a failed request: error.message of an OpenAI-style error body, else
+    the start of the body."""
+    try:
+        message = resp.json()["error"]["message"]
+        if isinstance(message, str) and message:
+            return message[:2000]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return resp.text[:500]
 
 
 class OpenAIBackend(Backend):
@@ -496,7 +540,7 @@ class OpenAIBackend(Backend):
         if status >= 400:
             raise LlmxError(
                 f"openai backend: POST {self.url} for problem {key!r} failed with HTTP {status} "
-                f"(not retried): {resp.text[:500]}"
+                f"(not retried): {_error_message(resp)}"
             )
         try:
             choices = resp.json()["choices"]
