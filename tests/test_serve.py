@@ -200,3 +200,30 @@ def test_llmx_serve_cli_answers_a_request_and_stops_on_ctrl_c(served):
     bad = subprocess.run([sys.executable, "-m", "llmx", "serve", "model=llama_tiny"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "model=llama_tiny has source=preset" in bad.stderr
+
+
+@pytest.mark.slow
+def test_natural_reasoning_teacher_over_the_served_model(served, tmp_path):
+    """The synthesize recipe's respond phase with teacher=openai against the served SmolLM2: every question of the
+    dataset carries exactly the reply the in-process backend gives to the same prompt; a rerun sends nothing."""
+    import json
+
+    from llmx.reasoning.prompts import respond_prompt
+
+    server, backend = served
+    run = tmp_path / "nr"
+    args = [sys.executable, "-m", "llmx", "run", "recipe=natural_reasoning_smollm2", "synth.docs.builtin_worked=6",
+            "synth.docs.builtin_docs=2", "synth.uses=[]", "synth.teacher.backend=openai",
+            f"synth.teacher.base_url={server.base_url}", f"synth.teacher.model_name={NAME}",
+            "synth.teacher.max_new_tokens=16", "synth.teacher.concurrency=4", f"hydra.run.dir={run}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(x) for x in (run / "assemble" / "dataset.jsonl").read_text().splitlines()]
+    assert len(rows) >= 5 and all(r["responses"][0]["response_model"] == NAME for r in rows)
+    local = collect(backend.with_sampling(max_new_tokens=16),
+                    [GenRequest(r["id"], respond_prompt(r["question"])) for r in rows])
+    assert {r["id"]: r["responses"][0]["response"] for r in rows} == {k: v[0] for k, v in local.items()}
+    served_before = len(server.batch_sizes)
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and len(server.batch_sizes) == served_before
