@@ -753,6 +753,7 @@ class SynthConfig:
     responses_per_question: int = 1
     eval_fraction: float = 0.2  # documents held out (by id) for the uses' evaluation
     eval_max_new_tokens: int = 192
+    eval_batch_size: int = 16  # the student's generation batch (evaluation and self-training samples)
     uses: List[str] = field(default_factory=list)  # distill | rft | dpo
     selftrain: SynthSelfTrainConfig = field(default_factory=SynthSelfTrainConfig)
     train: SynthTrainConfig = field(default_factory=SynthTrainConfig)

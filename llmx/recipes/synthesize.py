@@ -335,7 +335,7 @@ class Run:
 
         def run(d: Path) -> Dict[str, Any]:
             model, tok = self.student(path)
-            b = HFBackend(model, tok, batch_size=self.s.judge.batch_size, max_new_tokens=self.s.eval_max_new_tokens,
+            b = HFBackend(model, tok, batch_size=self.s.eval_batch_size, max_new_tokens=self.s.eval_max_new_tokens,
                           device=self.info.device)
             replies = run_with_cache(b, [GenRequest(e["id"], respond_prompt(e["question"])) for e in evals],
                                      d / "replies.jsonl")
@@ -387,13 +387,14 @@ class Run:
 
         def run(d: Path) -> Dict[str, Any]:
             model, tok = self.student(None)
-            b = HFBackend(model, tok, batch_size=self.s.judge.batch_size, max_new_tokens=st.max_new_tokens,
+            b = HFBackend(model, tok, batch_size=self.s.eval_batch_size, max_new_tokens=st.max_new_tokens,
                           temperature=st.temperature, seed=st.seed, device=self.info.device)
             run_with_cache(b, [GenRequest(r["id"], respond_prompt(r["question"]), n=st.samples) for r in rows],
                            d / "samples.jsonl")
             return {"questions": len(rows), "samples": st.samples}
 
-        self.stage(d, {**up, "selftrain": plain(st)}, run)
+        # The samples depend on the student and the sampling settings, not on how they are trained on.
+        self.stage(d, {**{k: v for k, v in up.items() if k != "train"}, "selftrain": plain(st)}, run)
         from llmx.bench.backends import read_cache
 
         return read_cache(d / "samples.jsonl")[1]
