@@ -37,6 +37,7 @@ from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cached_s
 
 PHASES = ("generate", "filter", "respond", "assemble", "train")
 USES = ("distill", "rft", "dpo")
+EXECUTION_ONLY = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout_s", "batch_size", "device")
 BACKENDS = {"judge": ("hf", "openai", "rules"), "writer": ("hf", "openai", "rules"), "teacher": ("hf", "openai", "oracle")}
 
 
@@ -130,12 +131,12 @@ class Run:
             self._model = load_pretrained(self.cfg.model)
         return self._model
 
-    def backend(self, stage: str, solutions: Optional[Dict[str, str]] = None, temperature: Optional[float] = None):
+    def backend(self, stage: str, solutions: Optional[Dict[str, str]] = None):
         from llmx.bench.backends import HFBackend, OpenAIBackend, OracleBackend
         from llmx.reasoning.rules import RuleBackend
 
         c = self.s[stage]
-        t = c.temperature if temperature is None else temperature
+        t = c.temperature
         if c.backend == "rules":
             return RuleBackend()
         if c.backend == "oracle":
@@ -151,7 +152,9 @@ class Run:
                          seed=c.seed, chat_template=c.chat_template, device=self.info.device, name=self.cfg.model.name)
 
     def llm_key(self, stage: str) -> Dict[str, Any]:
-        c = plain(self.s[stage])
+        """What decides a stage's replies: the model and its sampling, not how fast it is asked (batch size,
+        concurrency, retries, URL: a rerun may change those and still continue)."""
+        c = {k: v for k, v in plain(self.s[stage]).items() if k not in EXECUTION_ONLY}
         if c["backend"] == "hf":
             c["model"] = plain(self.cfg.model)
         return c
