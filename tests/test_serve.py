@@ -179,7 +179,10 @@ def test_llmx_serve_cli_answers_a_request_and_stops_on_ctrl_c(served):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "llmx", "serve", "model=smollm2_135m", "evaluator.max_new_tokens=8",
            "evaluator.device=cpu", "--port", "0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background (`cmd &` in a script) ignores SIGINT, and a child inherits that, so
+    # Python would install no Ctrl-C handler: the child starts with the default disposition, as a terminal's would.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     timer = threading.Timer(120, proc.kill)  # a hung server fails the test instead of hanging CI
     timer.start()
     try:
