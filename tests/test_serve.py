@@ -215,7 +215,7 @@ def test_natural_reasoning_teacher_over_the_served_model(served, tmp_path):
 
     server, backend = served
     run = tmp_path / "nr"
-    args = [sys.executable, "-m", "llmx", "run", "recipe=natural_reasoning_smollm2", "synth.docs.builtin_worked=6",
+    args = [sys.executable, "-m", "llmx", "run", "recipe=natural_reasoning_smollm2", "synth.docs.builtin_worked=4",
             "synth.docs.builtin_docs=2", "synth.uses=[]", "synth.teacher.backend=openai",
             f"synth.teacher.base_url={server.base_url}", f"synth.teacher.model_name={NAME}",
             "synth.teacher.max_new_tokens=16", "synth.teacher.concurrency=4", f"hydra.run.dir={run}"]
@@ -223,7 +223,7 @@ def test_natural_reasoning_teacher_over_the_served_model(served, tmp_path):
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(x) for x in (run / "assemble" / "dataset.jsonl").read_text().splitlines()]
-    assert len(rows) >= 5 and all(r["responses"][0]["response_model"] == NAME for r in rows)
+    assert len(rows) >= 3 and all(r["responses"][0]["response_model"] == NAME for r in rows)
     local = collect(backend.with_sampling(max_new_tokens=16),
                     [GenRequest(r["id"], respond_prompt(r["question"])) for r in rows])
     assert {r["id"]: r["responses"][0]["response"] for r in rows} == {k: v[0] for k, v in local.items()}
