@@ -27,6 +27,8 @@ from llmx.serve import Server
 from llmx.utils import LlmxError
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test here drives the real SmolLM2 through HTTP: end-to-end, so outside `make test-fast`.
+pytestmark = pytest.mark.slow
 NAME = "smollm2"
 PROMPTS = [
     "What is 2+3?",
