@@ -717,7 +717,6 @@ class SynthSelfTrainConfig:
     max_new_tokens: int = 192
     scorer: str = "self_consistency"  # self_consistency | self_score (log p(yes) - log p(no) of the model's own judgement)
     self_score_filter: bool = False  # drop a question whose best response self-scores < 0
-    seed: int = 0
 
 
 @dataclass

@@ -391,12 +391,12 @@ class Run:
         def run(d: Path) -> Dict[str, Any]:
             model, tok = self.student(None)
             b = HFBackend(model, tok, batch_size=self.s.eval_batch_size, max_new_tokens=st.max_new_tokens,
-                          temperature=st.temperature, seed=st.seed, device=self.info.device)
+                          temperature=st.temperature, seed=self.cfg.seed, device=self.info.device)
             run_with_cache(b, [GenRequest(r["id"], respond_prompt(r["question"]), n=st.samples) for r in rows],
                            d / "samples.jsonl")
             return {"questions": len(rows), "samples": st.samples}
 
-        # The samples depend on the student and the sampling settings, not on how they are trained on.
+        # The samples depend on the student, the sampling settings and the run's seed, not on how they are trained on.
         self.stage(d, {**{k: v for k, v in up.items() if k != "train"}, "selftrain": plain(st)}, run)
         from llmx.bench.backends import read_cache
 
