@@ -10,6 +10,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.llmx-installed-$(shell cat pyproject.toml requirements.lock 2>/dev/null | sha1sum | cut -c1-12)
 ARGS   ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; a test file stays in one worker, so its fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: help setup run test test-fast bench bench-galore bench-gsm bench-rsparse bench-merge lock clean
 
@@ -30,10 +32,10 @@ run: setup  ## run the default recipe (tiny Llama on the embedded corpus, CPU, ~
 	$(VENV)/bin/llmx run $(ARGS)
 
 test: setup  ## the whole test suite
-	WANDB_MODE=disabled $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=disabled $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup  ## the suite without the slow end-to-end runs
-	WANDB_MODE=disabled $(VENV)/bin/pytest -q -m "not slow and not dist" $(PYTEST_ARGS)
+	WANDB_MODE=disabled $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not dist" $(PYTEST_ARGS)
 
 bench: setup  ## trainer throughput and CLI start-up benchmark
 	$(PY) scripts/bench_trainer.py

@@ -22,6 +22,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on a 2-core machine: each runs torch on one thread (two processes
+# with two threads each slow each other 10-30x). Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,7 +33,13 @@ def llmx_cache(tmp_path_factory):
     if "LLMX_CACHE" in os.environ:
         yield Path(os.environ["LLMX_CACHE"])
         return
-    path = tmp_path_factory.mktemp("llmx_cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One cache for all workers, so the SmolLM2 conversion, the pylib corpus and the tokenizers are built
+        # once; cache entries are published atomically, and a concurrent build of one entry keeps one copy.
+        path = tmp_path_factory.getbasetemp().parent / "llmx_cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("llmx_cache")
     os.environ["LLMX_CACHE"] = str(path)
     yield path
 
@@ -55,6 +65,28 @@ TINY = [
     "optim.warmup_steps=2",
     "logger.progress=false",
 ]
+
+
+# What a small copy of conf/ keeps: three recipes and the group options they, config.yaml's defaults and the
+# broken-copy tests use. validate_all composes every recipe and option of a config directory (~0.25 s each);
+# the real conf/ is validated whole once, by tests/test_config.py::test_validate_all_real_conf_is_clean.
+SMALL_CONF = {"recipe": {"pretrain_tiny", "pretrain_llama60m", "galore2_llama7b"},
+              "model": {"llama_tiny", "llama_60m", "llama_7b"}, "data": {"pylib", "c4", "files"},
+              "optim": {"adamw", "galore"}, "trainer": {"default"}, "logger": {"default", "wandb"},
+              "launcher": {"local", "torchrun"}, "evaluator": {"none"}, "bench": set(), "sparsify": set(),
+              "merge": set()}
+
+
+def small_conf_copy(dst: Path) -> Path:
+    """A copy of conf/ at `dst` with only SMALL_CONF's recipes and group options."""
+    import shutil
+
+    shutil.copytree(REPO / "conf", dst)
+    for group, keep in SMALL_CONF.items():
+        for path in (dst / group).glob("*.yaml"):
+            if path.stem not in keep:
+                path.unlink()
+    return dst
 
 
 def run_llmx(args, *, cwd: Path, env=None, timeout=300, check=False) -> subprocess.CompletedProcess:

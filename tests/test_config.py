@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +27,8 @@ def test_layout_found_configs():
     assert {g for g, _ in GROUP_OPTIONS} == set(C.OPTION_GROUPS)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_compose_every_recipe(recipe):
-    cfg = compose([f"recipe={recipe}"])
-    assert cfg.name == recipe
-    OmegaConf.to_object(cfg)  # resolved and type-checked against the schema
-
-
-@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
-def test_compose_every_group_option(group, option):
-    cfg = compose([f"{group}={option}"], return_hydra_config=True)
-    assert cfg.hydra.runtime.choices[group] == option
-    OmegaConf.to_object(C._job_part(cfg))
+# Every recipe and every group option is composed, resolved and type-checked by validate_all, once each
+# (test_validate_all_real_conf_is_clean); separate per-option tests would compose them all a second time.
 
 
 def test_cli_group_choice_beats_recipe_default():
@@ -62,18 +51,11 @@ def _edit(conf: Path, rel: str, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-# The recipes the broken-copy tests name; the others only add composes (validate_all composes every recipe and
-# every group option; the real conf/ is validated whole by test_validate_all_real_conf_is_clean).
-COPY_RECIPES = {"pretrain_tiny", "pretrain_llama60m", "galore2_llama7b"}
-
-
 @pytest.fixture
 def conf_copy(tmp_path, monkeypatch):
-    dst = tmp_path / "conf"
-    shutil.copytree(CONF, dst)
-    for path in (dst / "recipe").glob("*.yaml"):
-        if path.stem not in COPY_RECIPES:
-            path.unlink()
+    from conftest import small_conf_copy
+
+    dst = small_conf_copy(tmp_path / "conf")
     monkeypatch.setenv("LLMX_CONF_DIR", str(dst))
     return dst
 
@@ -82,7 +64,7 @@ def _problems_text(problems):
     return "\n".join(f"{what} :: {err}" for what, err in problems)
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_unknown_key(conf_copy):
     _edit(conf_copy, "model/llama_7b.yaml", "hidden_size: 4096", "hidden_size: 4096\nhiden_dim: 3")
     problems = validate_all()
@@ -93,7 +75,7 @@ def test_validate_detects_unknown_key(conf_copy):
     assert "conf/model/llama_7b.yaml" in err and "model.hiden_dim" in err and "hidden_size" in err
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_unknown_key_in_a_default_once(conf_copy):
     # trainer/default is in every composition: one problem naming all of them, not one per config.
     _edit(conf_copy, "trainer/default.yaml", "max_steps: 100", "max_steps: 100\nfoo: 1")
@@ -104,7 +86,7 @@ def test_validate_detects_unknown_key_in_a_default_once(conf_copy):
     assert "unknown key 'trainer.foo'" in err and "conf/trainer/default.yaml" in err
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_wrong_type(conf_copy):
     _edit(conf_copy, "recipe/pretrain_llama60m.yaml", "max_steps: 10000", "max_steps: ten")
     problems = validate_all()
@@ -114,7 +96,7 @@ def test_validate_detects_wrong_type(conf_copy):
     assert "trainer.max_steps" in err and "Integer" in err and "'ten'" in err
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_name_not_stem_and_missing_kind(conf_copy):
     _edit(conf_copy, "recipe/pretrain_llama60m.yaml", "name: pretrain_llama60m", "name: llama60m")
     _edit(conf_copy, "recipe/pretrain_llama60m.yaml", "kind: pretrain\n", "")
@@ -125,7 +107,7 @@ def test_validate_detects_name_not_stem_and_missing_kind(conf_copy):
     assert "'llama60m'" in text and "'pretrain_llama60m'" in text and "kind" in text
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_yaml_syntax_error(conf_copy):
     _edit(conf_copy, "model/llama_60m.yaml", "hidden_size: 512", "hidden_size: [512")
     problems = validate_all()
@@ -136,7 +118,7 @@ def test_validate_detects_yaml_syntax_error(conf_copy):
     assert any("recipe=pretrain_llama60m" in what and "llama_60m.yaml" in err for what, err in problems), text
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_bad_interpolation_and_enum(conf_copy):
     _edit(conf_copy, "logger/wandb.yaml", "project: llmx", "project: ${nope}")
     _edit(conf_copy, "data/c4.yaml", "source: hub", "source: web")
@@ -150,7 +132,7 @@ def test_validate_detects_bad_interpolation_and_enum(conf_copy):
     assert "data.source" in c4_err and "hub" in c4_err and "'web'" in c4_err
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_detects_recipe_selecting_missing_option(conf_copy):
     _edit(conf_copy, "recipe/pretrain_tiny.yaml", "override /model: llama_tiny", "override /model: llama_tinyy")
     problems = validate_all()
@@ -158,7 +140,7 @@ def test_validate_detects_recipe_selecting_missing_option(conf_copy):
     assert any("no config 'llama_tinyy' in group 'model'" in err and "llama_tiny" in err for _, err in problems), text
 
 
-@pytest.mark.slow  # each composes every config (~10 s); make test runs it, make test-fast does not
+@pytest.mark.slow  # each composes every config of a small copy (~4 s); make test runs it, test-fast does not
 def test_validate_allows_required_values(conf_copy):
     # `???` means "set at run time" (e.g. the data paths of data=files): not a config error, and
     # neither is a key that interpolates such a value.

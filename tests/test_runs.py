@@ -169,7 +169,11 @@ def test_print_config_and_list_and_validate(tmp_path):
     assert "hidden_size: 512" in proc.stdout and "intermediate_size: 1376" in proc.stdout
     proc = run_llmx(["list"], cwd=tmp_path, check=True)
     assert "pretrain_tiny" in proc.stdout and "pretrain_llama60m" in proc.stdout
-    proc = run_llmx(["validate"], cwd=tmp_path, check=True)
+    # `llmx validate` on a small copy of conf/ (the real one is validated whole in-process by test_config.py).
+    from conftest import small_conf_copy
+
+    proc = run_llmx(["validate"], cwd=tmp_path, check=True, env={"LLMX_CONF_DIR": str(small_conf_copy(tmp_path / "conf"))})
+    assert "all configs compose and type-check" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "llmx", "show", "recipe=pretrain_tiny", "optim.lr=0.5"], cwd=tmp_path,
                           capture_output=True, text=True, check=True)
     assert "lr: 0.5" in proc.stdout

@@ -203,27 +203,10 @@ def test_artifact_round_trip_and_generation(tmp_path):
 
 
 @pytest.mark.slow
-def test_sparsify_recipe_on_smollm2(tmp_path):
-    args = ["run", "recipe=rsparse_smollm2", f"output_root={tmp_path}", "sparsify.allocation=uniform",
-            "sparsify.levels=[0.5]", "sparsify.calib_sequences=4", "sparsify.eval_sequences=4",
-            "sparsify.decode_tokens=8", "data.seq_len=64"]
-    proc = run_llmx(args, cwd=tmp_path, check=True, timeout=600)
-    run = next((tmp_path / "rsparse_smollm2").iterdir())
-    final = json.loads((run / "final.json").read_text())
-    assert final["token_mode"] == "all" and final["ppl@0.5"] > final["dense_ppl"] > 1
-    rows = json.loads((run / "results.json").read_text())
-    assert rows[1]["achieved"] == pytest.approx(0.5, abs=0.08) and rows[1]["low_rank_layers"] == 210
-    assert set(rows[1]["by_projection"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    art = json.loads((run / "artifacts" / "s0.5" / "rsparse.json").read_text())
-    assert art["model"] == "smollm2_135m" and len(art["layers"]) == 210
-    assert "tokens sparsified: all" in (run / "results.md").read_text()
-    assert "rsparse 50%" in proc.stdout
-
-
-@pytest.mark.slow
-def test_greedy_paths_are_cached_and_seed_the_rsparse_search(tmp_path, llmx_cache):
+def test_sparsify_recipes_on_smollm2_share_the_greedy_paths(tmp_path, llmx_cache):
     """teal_smollm2 computes TEAL's greedy paths once; rsparse_smollm2 (search.init_greedy) reads them from the
-    cache and seeds the search with the greedy plan at the level; the searched plan keeps the budget."""
+    cache and seeds the search with the greedy plan at the level; the searched plan keeps the budget, and the
+    R-Sparse run writes its results, report and artifact for all 210 projections."""
     env = {"LLMX_CACHE": str(tmp_path / "cache")}
     # A fresh cache, so the greedy and search entries counted below are this test's; the converted SmolLM2 is
     # the session's (converting the GGUF again costs ~20 s).
@@ -239,12 +222,22 @@ def test_greedy_paths_are_cached_and_seed_the_rsparse_search(tmp_path, llmx_cach
     bad = run_llmx(["run", "recipe=teal_smollm2", *common, "sparsify.greedy_step=1.5"], cwd=tmp_path, env=env)
     assert bad.returncode != 0 and "sparsify.greedy_step: 1.5" in bad.stderr + bad.stdout
     rs = run_llmx(["run", "recipe=rsparse_smollm2", *common, "sparsify.search.population=3",
-                   "sparsify.search.generations=1"], cwd=tmp_path, env=env, check=True, timeout=900)
+                   "sparsify.search.generations=1", "sparsify.save=true", "sparsify.decode_tokens=8"],
+                  cwd=tmp_path, env=env, check=True, timeout=900)
     assert "teal greedy" not in rs.stdout  # the paths came from the cache
     (found,) = (tmp_path / "cache" / "rsparse_search").glob("*.json")
     record = json.loads(found.read_text())
     init = record["key"]["init"]
     assert init is not None and all(a == 1.0 for _, a in init.values())
-    rows = json.loads(next((tmp_path / "rsparse_smollm2").iterdir()).joinpath("results.json").read_text())
+    run = next((tmp_path / "rsparse_smollm2").iterdir())
+    rows = json.loads((run / "results.json").read_text())
     assert rows[1]["planned"] == pytest.approx(0.5, abs=1e-6)
     assert len(record["result"]["history"]) == 1
+    final = json.loads((run / "final.json").read_text())
+    assert final["token_mode"] == "all" and final["ppl@0.5"] > final["dense_ppl"] > 1
+    assert rows[1]["achieved"] == pytest.approx(0.5, abs=0.08) and rows[1]["low_rank_layers"] == 210
+    assert set(rows[1]["by_projection"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    art = json.loads((run / "artifacts" / "s0.5" / "rsparse.json").read_text())
+    assert art["model"] == "smollm2_135m" and len(art["layers"]) == 210
+    assert "tokens sparsified: all" in (run / "results.md").read_text()
+    assert "rsparse 50%" in rs.stdout
