@@ -227,6 +227,16 @@ def test_self_consistency_picks_the_majority_and_a_dissenting_worst():
     assert selftrain.by_score([1.0, 1.0]).worst is None
 
 
+def test_random_control_picks_any_answered_response():
+    rs = ["Final answer: 5", "no idea", "Final answer: 7", "also no idea", "Final answer: 5"]
+    picks = [selftrain.random_choice(rs, random.Random(seed)) for seed in range(40)]
+    assert {c.best for c in picks} == {0, 2, 4}  # every answered one, never an unanswered one
+    assert all(c.worst is not None and c.worst != c.best for c in picks)
+    assert selftrain.random_choice(rs, random.Random(3)) == selftrain.random_choice(rs, random.Random(3))
+    assert selftrain.random_choice(["hmm", "?"], random.Random(0)).best is None
+    assert selftrain.random_choice(["Final answer: 1"], random.Random(0)) == selftrain.Choice(0, None)
+
+
 def test_self_scores_equal_an_unpadded_float64_forward(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -715,7 +715,9 @@ class SynthSelfTrainConfig:
     samples: int = 8  # responses sampled per question (the paper: 32)
     temperature: float = 0.8
     max_new_tokens: int = 192
-    scorer: str = "self_consistency"  # self_consistency | self_score (log p(yes) - log p(no) of the model's own judgement)
+    # self_consistency | self_score (log p(yes) - log p(no) of the model's own judgement) | random (the control:
+    # any answered sample, no selection; llmx.reasoning.selftrain)
+    scorer: str = "self_consistency"
     self_score_filter: bool = False  # drop a question whose best response self-scores < 0
 
 

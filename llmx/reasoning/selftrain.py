@@ -11,6 +11,10 @@ best (RFT) or the best and the worst (DPO) are trained on.
   lowest. "yes" and "no" are the first token of each word as the tokenizer encodes it at the start of the
   assistant turn.
 * self-score filtering: a question whose best response self-scores below 0 is dropped (either scorer).
+* random (llmx's control, not in the paper): the best response is drawn at random among those with an extractable
+  final answer, the worst among the others; questions are dropped exactly as self-consistency drops them. It
+  keeps what RFT on any answered sample teaches (the reply format, the model's own style) and removes the
+  selection by agreement, so self-consistency's gain over it is the part the scorer is responsible for.
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ def self_consistency(responses: Sequence[str], rng: random.Random) -> Choice:
     best = norm.index(majority)
     others = [i for i, a in enumerate(norm) if a != majority]
     return Choice(best, rng.choice(others) if others else None, majority, top)
+
+
+def random_choice(responses: Sequence[str], rng: random.Random) -> Choice:
+    answered = [i for i, r in enumerate(responses) if extract_final_answer(r) is not None]
+    if not answered:
+        return Choice(None, None)
+    best = rng.choice(answered)
+    others = [i for i in range(len(responses)) if i != best]
+    return Choice(best, rng.choice(others) if others else None)
 
 
 def by_score(scores: Sequence[float]) -> Choice:

@@ -17,7 +17,8 @@ Phases (synth.phase; `all` runs them in order in one process), each writing into
              train and eval by document, the manifest and the dataset card's statistics
   train      the uses (synth.uses): distill (SFT of the model group's model on the teacher's responses), rft and
              dpo (self-training: synth.selftrain.samples responses per question from the model itself, scored
-             by self-consistency or by its own yes/no judgement; RFT on the best, DPO best against worst, with
+             by self-consistency or by its own yes/no judgement, or at random among the answered ones (the
+             control, `synth.selftrain.scorer=random`); RFT on the best, DPO best against worst, with
              the `rl` kind's DPO), each evaluated with the untrained model on the held-out documents' questions
 
 Every LLM call is cached per phase and shard, keyed by the item's id (a hash of its text), so a killed phase
@@ -37,6 +38,7 @@ from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cached_s
 
 PHASES = ("generate", "filter", "respond", "assemble", "train")
 USES = ("distill", "rft", "dpo")
+SCORERS = ("self_consistency", "self_score", "random")
 EXECUTION_ONLY = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout_s", "batch_size", "device")
 BACKENDS = {"judge": ("hf", "openai", "rules"), "writer": ("hf", "openai", "rules"), "teacher": ("hf", "openai", "oracle")}
 
@@ -71,8 +73,8 @@ def check_config(cfg) -> None:
     bad = [u for u in s.uses if u not in USES]
     if bad:
         raise LlmxError(f"synth.uses={list(s.uses)}: {bad} unknown; valid: {', '.join(USES)}")
-    if s.selftrain.scorer not in ("self_consistency", "self_score"):
-        raise LlmxError(f"synth.selftrain.scorer={s.selftrain.scorer!r}; valid: self_consistency, self_score")
+    if s.selftrain.scorer not in SCORERS:
+        raise LlmxError(f"synth.selftrain.scorer={s.selftrain.scorer!r}; valid: {', '.join(SCORERS)}")
     if not 0 < s.dedup_threshold <= 1:
         raise LlmxError(f"synth.dedup_threshold={s.dedup_threshold} must be in (0, 1]")
     if not 0 <= s.eval_fraction < 1:
@@ -396,8 +398,10 @@ class Run:
                            d / "samples.jsonl")
             return {"questions": len(rows), "samples": st.samples}
 
-        # The samples depend on the student, the sampling settings and the run's seed, not on how they are trained on.
-        self.stage(d, {**{k: v for k, v in up.items() if k != "train"}, "selftrain": plain(st)}, run)
+        # The samples depend on the student, the sampling settings and the run's seed, not on how they are scored or
+        # trained on: another scorer or training setting reuses them.
+        sampling = {k: getattr(st, k) for k in ("samples", "temperature", "max_new_tokens")}
+        self.stage(d, {**{k: v for k, v in up.items() if k != "train"}, "selftrain": sampling}, run)
         from llmx.bench.backends import read_cache
 
         return read_cache(d / "samples.jsonl")[1]
@@ -413,7 +417,10 @@ class Run:
         for r in rows:
             resp = samples[r["id"]]
             scores = stl.self_scores(model, tok, r["question"], resp, self.info.device) if model is not None else None
-            c = stl.self_consistency(resp, rng) if st.scorer == "self_consistency" else stl.by_score(scores)
+            if st.scorer == "self_score":
+                c = stl.by_score(scores)
+            else:
+                c = (stl.self_consistency if st.scorer == "self_consistency" else stl.random_choice)(resp, rng)
             if c.best is None:
                 counts["no_answer"] += 1
             elif st.self_score_filter and scores[c.best] < 0:
