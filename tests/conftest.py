@@ -34,8 +34,9 @@ def llmx_cache(tmp_path_factory):
         yield Path(os.environ["LLMX_CACHE"])
         return
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # One cache for all workers, so the SmolLM2 conversion, the pylib corpus and the tokenizers are built
-        # once; cache entries are published atomically, and a concurrent build of one entry keeps one copy.
+        # One cache for all workers, so the SmolLM2 conversion, the pylib corpus and the tokenizers are built once
+        # (twice at worst, when two workers start the same entry together: entries are published atomically and
+        # the second copy is dropped).
         path = tmp_path_factory.getbasetemp().parent / "llmx_cache"
         path.mkdir(exist_ok=True)
     else:

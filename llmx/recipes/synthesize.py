@@ -419,8 +419,10 @@ class Run:
             scores = stl.self_scores(model, tok, r["question"], resp, self.info.device) if model is not None else None
             if st.scorer == "self_score":
                 c = stl.by_score(scores)
+            elif st.scorer == "random":
+                c = stl.random_choice(resp, rng)
             else:
-                c = (stl.self_consistency if st.scorer == "self_consistency" else stl.random_choice)(resp, rng)
+                c = stl.self_consistency(resp, rng)
             if c.best is None:
                 counts["no_answer"] += 1
             elif st.self_score_filter and scores[c.best] < 0:
