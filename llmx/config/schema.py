@@ -72,6 +72,7 @@ class DataSource(str, Enum):
     files = "files"  # local .txt / .jsonl / .json / .parquet files or globs
     hub = "hub"  # a Hugging Face dataset name (needs the network), streaming or not
     synthetic = "synthetic"  # a generator registered in llmx.data.synthetic
+    graph_paths = "graph_paths"  # shortest paths on random graphs (llmx.graphs.paths; Spectral Journey's task)
 
 
 class TokenizerSource(str, Enum):
@@ -105,6 +106,26 @@ class PylibConfig:
 
 
 @dataclass
+class GraphsConfig:
+    """data.source=graph_paths: the Spectral Journey task (llmx.graphs.paths has every choice's why)."""
+
+    nodes: List[int] = field(default_factory=lambda: [3, 10])  # inclusive range of graph sizes
+    node_tokens: int = 10  # label tokens 0..node_tokens-1 (>= the largest graph)
+    sampler: str = "gnp"  # gnp | tree_plus
+    edge_prob: List[float] = field(default_factory=lambda: [0.15, 0.45])  # p ~ U(min, max) per graph
+    query: str = "by_distance"  # by_distance (distance uniform, then a pair) | uniform (a uniform pair)
+    target: str = "canonical"  # training path on ties: canonical (lexicographically smallest) | random
+    test_fraction: float = 0.2  # isomorphism classes held out for test
+    split_salt: str = "llmx-graphs"
+    seed: int = 0  # data seed (the run's seed sets initialisation and data order)
+    train_per_size: int = 2000
+    val_per_size: int = 50  # held-out examples of training-side graphs (validation loss)
+    test_per_size: int = 200  # test-side examples per size before isomorphism dedup
+    test_sizes: List[int] = field(default_factory=list)  # empty: every size of `nodes` with test classes
+    test_dir: Optional[str] = None  # evaluate on this `generate_bench` shortest_path dataset instead
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     source: DataSource = DataSource.pydoc
@@ -125,6 +146,7 @@ class DataConfig:
     dedup_min_chars: int = 32
     overlap_window: int = 64
     pylib: PylibConfig = field(default_factory=PylibConfig)
+    graphs: GraphsConfig = field(default_factory=GraphsConfig)
     val_max_sequences: int = 256  # evaluation uses at most this many held-out sequences
     shuffle: bool = True
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -761,6 +783,23 @@ class SynthConfig:
 
 
 @dataclass
+class SpectralConfig:
+    """Evaluation and interpretation of a graph_paths model (llmx.graphs.spectral, recipe spectral_journey)."""
+
+    eval_examples: int = 0  # test examples decoded (0: all)
+    probe_graphs: int = 300  # test graphs whose edge representations are probed
+    probe_k: int = 4  # eigenvectors of the line-graph Laplacian the probe compares with
+    probe_kinds: List[str] = field(default_factory=lambda: ["combinatorial", "normalized"])
+    probe_scale: str = "none"  # eigenvectors as they are (none) | divided by sqrt(eigenvalue) (resistance)
+    edge_position: str = "second"  # an edge's representation: its second token (second) | mean of its two
+    sln_ks: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 0])  # 0: every non-trivial eigenvector
+    sln_kinds: List[str] = field(default_factory=lambda: ["combinatorial", "normalized"])
+    sln_rules: List[str] = field(default_factory=lambda: ["nearest", "mean"])
+    sln_scale: str = "resistance"  # with all eigenvectors unscaled every edge pair is equidistant
+    plots: bool = True
+
+
+@dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
     name: str = MISSING
@@ -786,6 +825,7 @@ class LlmxConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

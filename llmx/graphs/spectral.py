@@ -55,12 +55,17 @@ Reconstruction choices:
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.spatial.distance import pdist, squareform
 from scipy.stats import spearmanr
+
+from llmx.graphs.paths import bfs_distances, is_shortest_path, n_adjacency
+
+__all__ = ["is_shortest_path", "line_graph_adjacency", "laplacian", "spectral_embedding", "line_graph_distances",
+           "shortest_path_length", "sln_path", "random_walk_path", "sln_agreement", "rsa_score",
+           "rsa_against_distances", "random_subspace", "probe_scores"]
 
 KINDS = ("combinatorial", "normalized")
 SCALES = ("none", "resistance")
@@ -92,26 +97,6 @@ def _as_edges(edges: Iterable[Sequence[int]]) -> List[Edge]:
             raise ValueError(f"duplicate edge ({u}, {v})")
         seen.add(key)
     return out
-
-
-def _neighbours(edges: Sequence[Edge]) -> Dict[int, List[int]]:
-    nbrs: Dict[int, List[int]] = {}
-    for u, v in edges:
-        nbrs.setdefault(u, []).append(v)
-        nbrs.setdefault(v, []).append(u)
-    return nbrs
-
-
-def _bfs_distances(nbrs: Dict[int, List[int]], source: int) -> Dict[int, int]:
-    dist = {source: 0}
-    queue = deque([source])
-    while queue:
-        u = queue.popleft()
-        for v in nbrs[u]:
-            if v not in dist:
-                dist[v] = dist[u] + 1
-                queue.append(v)
-    return dist
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,7 +171,7 @@ def line_graph_distances(edges) -> np.ndarray:
     nbrs = {i: list(np.flatnonzero(adj[i])) for i in range(m)}
     dist = np.zeros((m, m))
     for i in range(m):
-        hops = _bfs_distances(nbrs, i)
+        hops = bfs_distances(nbrs, i)
         if len(hops) < m:
             raise ValueError("the line graph is disconnected (is the graph connected?)")
         for j, d in hops.items():
@@ -200,26 +185,14 @@ def line_graph_distances(edges) -> np.ndarray:
 
 def shortest_path_length(edges, source: int, target: int) -> int:
     """Number of edges on a shortest source-target path (BFS)."""
-    nbrs = _neighbours(_as_edges(edges))
+    nbrs = n_adjacency(_as_edges(edges))
     for node in (source, target):
         if node not in nbrs:
             raise ValueError(f"node {node} is not in the graph")
-    dist = _bfs_distances(nbrs, source)
+    dist = bfs_distances(nbrs, source)
     if target not in dist:
         raise ValueError(f"{target} is unreachable from {source}")
     return dist[target]
-
-
-def is_shortest_path(edges, source: int, target: int, path) -> bool:
-    """True iff `path` is a simple source-target path along graph edges with the BFS length."""
-    edges = _as_edges(edges)
-    path = [int(x) for x in path]
-    if len(path) < 2 or path[0] != source or path[-1] != target or len(set(path)) != len(path):
-        return False
-    present = {frozenset(e) for e in edges}
-    if any(frozenset((a, b)) not in present for a, b in zip(path, path[1:])):
-        return False
-    return len(path) - 1 == shortest_path_length(edges, source, target)
 
 
 def _distance_to_targets(x_e: np.ndarray, targets: np.ndarray, rule: str) -> float:
@@ -241,7 +214,7 @@ def sln_path(edges, source: int, target: int, k: Optional[int] = None, kind: str
     edges = _as_edges(edges)
     if source == target:
         raise ValueError(f"source and target are both {source}")
-    nbrs = _neighbours(edges)
+    nbrs = n_adjacency(edges)
     for node in (source, target):
         if node not in nbrs:
             raise ValueError(f"node {node} is not in the graph")
@@ -273,7 +246,7 @@ def random_walk_path(edges, source: int, target: int, rng: np.random.Generator,
     edges = _as_edges(edges)
     if source == target:
         raise ValueError(f"source and target are both {source}")
-    nbrs = _neighbours(edges)
+    nbrs = n_adjacency(edges)
     max_steps = len(nbrs) if max_steps is None else max_steps
     path = [source]
     while path[-1] != target and len(path) - 1 < max_steps:

@@ -33,6 +33,11 @@ from llmx.trainer.trainer import Trainer
 
 
 def main(cfg) -> dict:
+    if str(getattr(cfg.data.source, "value", cfg.data.source)) == "graph_paths":
+        # Shortest paths on graphs (Spectral Journey): its own data, evaluation and probes in one file.
+        from llmx.recipes.spectral_journey import main as spectral_journey_main
+
+        return spectral_journey_main(cfg)
     info = init_distributed(cfg.trainer.device)
     try:
         run_dir = Path(cfg.run_dir)
