@@ -75,15 +75,27 @@ def main():
                   + " |")
 
     print("\n| layers | layer | trained, combinatorial | untrained, combinatorial | trained, normalized | "
-          "untrained, normalized | trained vs random subspace | trained vs line-graph hops |")
-    print("|---|---|---|---|---|---|---|---|")
+          "untrained, normalized | trained vs random subspace | trained vs line-graph hops | untrained vs hops |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for depth, rs in sorted(runs.items()):
         for layer in sorted(rs[0][1]["probe"]["trained"], key=int):
             def col(model, kind):
                 return fmt([r["probe"][model][layer][kind]["mean"] for _, r in rs], 1, 3)
             print(f"| {depth} | {layer} | {col('trained', 'combinatorial')} | {col('untrained', 'combinatorial')} | "
                   f"{col('trained', 'normalized')} | {col('untrained', 'normalized')} | "
-                  f"{col('trained', 'random_subspace')} | {col('trained', 'adjacency')} |")
+                  f"{col('trained', 'random_subspace')} | {col('trained', 'adjacency')} | "
+                  f"{col('untrained', 'adjacency')} |")
+
+    sweeps = [(d, r) for d, rs in sorted(runs.items()) for _, r in rs if "sweep_at_best_layer" in r["probe"]]
+    if sweeps:
+        keys = list(sweeps[0][1]["probe"]["sweep_at_best_layer"])
+        print("\nProbe at each run's best layer (combinatorial Laplacian), trained / untrained, over k and scaling:\n")
+        print("| layers | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for depth in sorted({d for d, _ in sweeps}):
+            res = [r["probe"]["sweep_at_best_layer"] for d, r in sweeps if d == depth]
+            print(f"| {depth} | " + " | ".join(f"{fmt([x[k]['trained'] for x in res], 1, 3)} / "
+                                               f"{fmt([x[k]['untrained'] for x in res], 1, 3)}" for k in keys) + " |")
 
     print(f"\nSLN-style navigator against BFS ({first['sln_scale']} scaling; test set of {first['test_examples']} "
           f"examples; random self-avoiding walk {first['random_walk_acc'] * 100:.1f}%):\n")
@@ -94,12 +106,15 @@ def main():
     print("|---|" + "---|" * len(ks))
     for kr in kinds_rules:
         print(f"| {kr} | " + " | ".join(f"{first['sln'][f'{kr}/{k}'] * 100:.1f}" for k in ks) + " |")
-    print("\n| layers | SLN config | step agreement with the model (%) | identical paths (%) |")
-    print("|---|---|---|---|")
+    print("\n| layers | SLN config | model vs SLN, steps (%) | identical paths (%) | "
+          "model vs BFS canonical, steps (%) | identical (%) |")
+    print("|---|---|---|---|---|---|")
     for depth, rs in sorted(runs.items()):
-        print(f"| {depth} | {rs[0][1]['sln_best']} | "
-              f"{fmt([r['sln_agreement']['step_agreement'] for _, r in rs])} | "
-              f"{fmt([r['sln_agreement']['full_path_agreement'] for _, r in rs])} |")
+        def agree(key, field):
+            return fmt([r[key][field] for _, r in rs if key in r])
+        print(f"| {depth} | {rs[0][1]['sln_best']} | {agree('sln_agreement', 'step_agreement')} | "
+              f"{agree('sln_agreement', 'full_path_agreement')} | {agree('bfs_agreement', 'step_agreement')} | "
+              f"{agree('bfs_agreement', 'full_path_agreement')} |")
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))
     if args.plots:

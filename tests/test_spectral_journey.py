@@ -5,6 +5,7 @@ evaluation (llmx.graphs.evaluate) and the recipe end to end. The line-graph anal
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -192,8 +193,25 @@ def test_tiny_recipe_trains_evaluates_probes_and_refuses_an_overlapping_test_set
     assert set(results["probe"]["trained"]) == {"0", "1", "2"}
     assert set(results["probe"]["trained"]["1"]) == {"combinatorial", "normalized", "random_subspace", "adjacency"}
     assert set(results["sln"]) == {f"combinatorial/nearest/k={k}" for k in (1, 2, 4, "all")}
+    assert set(results["probe"]["sweep_at_best_layer"]) == {f"{s}/k={k}" for s in ("none", "resistance")
+                                                             for k in (2, 4, 8, "all")}
+    assert results["bfs_agreement"]["n_steps"] > 0 and results["sln_bfs_agreement"]["step_agreement"] > 0.9
+    lines = [json.loads(x) for x in (run / "test_paths.jsonl").read_text().splitlines()]
+    assert len(lines) == results["test_examples"]
+    assert sum(x["correct"] for x in lines) == pytest.approx(results["path_acc_any"] * len(lines))
     assert {Path(p).name for p in results["plots"]} == {"accuracy.png", "probe.png", "sln.png", "example.png"}
     assert (run / "hf" / "config.json").is_file()
+
+    # The analysis reruns on the export with other settings; the training figures stay.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "spectral_journey_reanalyse.py"),
+                    str(run), "--set", "spectral.probe_k=2", "spectral.plots=false", "spectral.sln_ks=[2]"],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    again = json.loads((run / "results.json").read_text())
+    assert again["probe"]["k"] == 2 and again["final"] == results["final"]
+    assert again["path_acc_any"] == results["path_acc_any"]  # the same model on the same test set
 
     # A benchmark of training-side graphs as the test set is refused before any training.
     from llmx.bench import build_plan, generate_dataset

@@ -791,6 +791,7 @@ class SpectralConfig:
     probe_k: int = 4  # eigenvectors of the line-graph Laplacian the probe compares with
     probe_kinds: List[str] = field(default_factory=lambda: ["combinatorial", "normalized"])
     probe_scale: str = "none"  # eigenvectors as they are (none) | divided by sqrt(eigenvalue) (resistance)
+    probe_sweep_ks: List[int] = field(default_factory=lambda: [2, 4, 8, 0])  # at the best layer, both scalings
     edge_position: str = "second"  # an edge's representation: its second token (second) | mean of its two
     sln_ks: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 0])  # 0: every non-trivial eigenvector
     sln_kinds: List[str] = field(default_factory=lambda: ["combinatorial", "normalized"])

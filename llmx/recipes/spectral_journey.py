@@ -43,7 +43,7 @@ from llmx.graphs.evaluate import edge_representations, greedy_paths, step_accura
 from llmx.models import build_model, count_parameters
 from llmx.trainer.distributed import destroy_distributed, init_distributed
 from llmx.trainer.trainer import Trainer
-from llmx.utils import LlmxError, atomic_write_json
+from llmx.utils import LlmxError, atomic_write_json, atomic_write_text
 
 
 def main(cfg) -> Dict[str, Any]:
@@ -208,31 +208,56 @@ def analyse(cfg, task: gp.GraphTask, model, untrained, test: List[Dict], run_dir
     out.update(accuracy_table(examples, paths))
     out.update(step_accuracy(model, examples, task))
     out["decode_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    out.update(probe_analysis(s, task, model, untrained, test, rng))
+    out["probe_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    out.update(sln_analysis(s, examples, paths, rng))
+    out["sln_seconds"] = round(time.perf_counter() - t0, 2)
+    lines = [json.dumps({"edges": ex["edges"], "source": ex["source"], "target": ex["target"], "reference": ex["path"],
+                         "model": p, "correct": gp.grade(ex, p)}) for ex, p in zip(examples, paths)]
+    atomic_write_text(run_dir / "test_paths.jsonl", "\n".join(lines) + "\n")
+    if s.plots:
+        out["plots"] = make_plots(out, examples, paths, task, run_dir)
+    return out
 
-    # Probe: RSA of each layer's edge representations with the line graph's spectral embedding.
+
+def probe_analysis(s, task: gp.GraphTask, model, untrained, test: List[Dict], rng) -> Dict[str, Any]:
+    """RSA of each layer's edge representations with the line graph's spectral embedding and the controls, for
+    the trained and the untrained model; then, at the trained model's best layer, a sweep over k and scaling."""
     probe_set = [ex for ex in test if len(ex["edges"]) >= 3][: s.probe_graphs]
-    out["probe"] = {"k": s.probe_k, "scale": s.probe_scale, "edge_position": s.edge_position, "graphs": len(probe_set),
-                    "score": "mean Spearman correlation of pairwise Euclidean distances (RSA), per graph"}
+    probe: Dict[str, Any] = {"k": s.probe_k, "scale": s.probe_scale, "edge_position": s.edge_position,
+                             "graphs": len(probe_set),
+                             "score": "mean Spearman correlation of pairwise Euclidean distances (RSA), per graph"}
+    kind0 = s.probe_kinds[0]
+    per_layer = {}
     for name, net in (("trained", model), ("untrained", untrained)):
         reps = edge_representations(net, probe_set, task, s.edge_position)
+        per_layer[name] = [[(ex["edges"], r[layer]) for ex, r in zip(probe_set, reps)] for layer in range(len(reps[0]))]
         layers = {}
-        for layer in range(len(reps[0])):
-            per_graph = [(ex["edges"], r[layer]) for ex, r in zip(probe_set, reps)]
-            row = {}
-            for kind in s.probe_kinds:
-                row[kind] = sp.probe_scores(per_graph, s.probe_k, kind, scale=s.probe_scale)
-            row["random_subspace"] = sp.probe_scores(per_graph, s.probe_k, s.probe_kinds[0], control="random_subspace",
-                                                     rng=rng)
-            row["adjacency"] = sp.probe_scores(per_graph, s.probe_k, s.probe_kinds[0], control="adjacency")
+        for layer, per_graph in enumerate(per_layer[name]):
+            row = {kind: sp.probe_scores(per_graph, s.probe_k, kind, scale=s.probe_scale) for kind in s.probe_kinds}
+            row["random_subspace"] = sp.probe_scores(per_graph, s.probe_k, kind0, control="random_subspace", rng=rng)
+            row["adjacency"] = sp.probe_scores(per_graph, s.probe_k, kind0, control="adjacency")
             layers[str(layer)] = row
-        out["probe"][name] = layers
-    kind0 = s.probe_kinds[0]
-    best_layer = max(out["probe"]["trained"], key=lambda L: out["probe"]["trained"][L][kind0]["mean"])
-    out["probe"]["best_layer"] = best_layer
-    out["probe_gap"] = (out["probe"]["trained"][best_layer][kind0]["mean"]
-                        - out["probe"]["untrained"][best_layer][kind0]["mean"])
+        probe[name] = layers
+    best = max(probe["trained"], key=lambda L: probe["trained"][L][kind0]["mean"])
+    probe["best_layer"] = best
+    sweep = {}
+    for k in s.probe_sweep_ks:
+        for scale in sp.SCALES:
+            sweep[f"{scale}/k={k or 'all'}"] = {
+                name: sp.probe_scores(per_layer[name][int(best)], k or None, kind0, scale=scale)["mean"]
+                for name in ("trained", "untrained")}
+    probe["sweep_at_best_layer"] = sweep
+    gap = probe["trained"][best][kind0]["mean"] - probe["untrained"][best][kind0]["mean"]
+    return {"probe": probe, "probe_gap": gap}
 
-    # SLN against BFS, swept; and its step-by-step agreement with the model.
+
+def sln_analysis(s, examples: List[Dict], paths: List[List[int]], rng) -> Dict[str, Any]:
+    """SLN against BFS over k, Laplacian and rule; the random-walk floor; the best SLN's step-by-step agreement
+    with the model, beside the model's agreement with BFS's canonical path (the control: two navigators that
+    are both mostly right agree mostly, whatever their mechanism)."""
     sln = {}
     for kind in s.sln_kinds:
         for rule in s.sln_rules:
@@ -240,20 +265,18 @@ def analyse(cfg, task: gp.GraphTask, model, untrained, test: List[Dict], run_dir
                 got = [sp.sln_path(ex["edges"], ex["source"], ex["target"], k=k or None, kind=kind, rule=rule,
                                    scale=s.sln_scale) for ex in examples]
                 sln[f"{kind}/{rule}/k={k or 'all'}"] = float(np.mean([gp.grade(ex, p) for ex, p in zip(examples, got)]))
-    out["sln"] = sln
-    out["sln_scale"] = s.sln_scale
-    out["sln_best"] = max(sln, key=sln.get)
-    out["sln_best_acc"] = sln[out["sln_best"]]
-    kind, rule, k = out["sln_best"].split("/")
+    best = max(sln, key=sln.get)
+    kind, rule, k = best.split("/")
     k_val = None if k == "k=all" else int(k[2:])
     best_paths = [sp.sln_path(ex["edges"], ex["source"], ex["target"], k=k_val, kind=kind, rule=rule, scale=s.sln_scale)
                   for ex in examples]
-    out["sln_agreement"] = sp.sln_agreement(paths, best_paths)
     walks = [sp.random_walk_path(ex["edges"], ex["source"], ex["target"], rng) for ex in examples]
-    out["random_walk_acc"] = float(np.mean([gp.grade(ex, p) for ex, p in zip(examples, walks)]))
-    if s.plots:
-        out["plots"] = make_plots(out, examples, paths, task, run_dir)
-    return out
+    canonical = [ex["canonical"] for ex in examples]
+    return {"sln": sln, "sln_scale": s.sln_scale, "sln_best": best, "sln_best_acc": sln[best],
+            "sln_agreement": sp.sln_agreement(paths, best_paths),
+            "bfs_agreement": sp.sln_agreement(paths, canonical),
+            "sln_bfs_agreement": sp.sln_agreement(best_paths, canonical),
+            "random_walk_acc": float(np.mean([gp.grade(ex, p) for ex, p in zip(examples, walks)]))}
 
 
 def accuracy_table(examples: Sequence[Dict], paths: Sequence[Sequence[int]]) -> Dict[str, Any]:
