@@ -258,18 +258,16 @@ def sln_analysis(s, examples: List[Dict], paths: List[List[int]], rng) -> Dict[s
     """SLN against BFS over k, Laplacian and rule; the random-walk floor; the best SLN's step-by-step agreement
     with the model, beside the model's agreement with BFS's canonical path (the control: two navigators that
     are both mostly right agree mostly, whatever their mechanism)."""
-    sln = {}
+    sln, sln_paths = {}, {}
     for kind in s.sln_kinds:
         for rule in s.sln_rules:
             for k in s.sln_ks:
-                got = [sp.sln_path(ex["edges"], ex["source"], ex["target"], k=k or None, kind=kind, rule=rule,
-                                   scale=s.sln_scale) for ex in examples]
-                sln[f"{kind}/{rule}/k={k or 'all'}"] = float(np.mean([gp.grade(ex, p) for ex, p in zip(examples, got)]))
+                key = f"{kind}/{rule}/k={k or 'all'}"
+                sln_paths[key] = [sp.sln_path(ex["edges"], ex["source"], ex["target"], k=k or None, kind=kind,
+                                              rule=rule, scale=s.sln_scale) for ex in examples]
+                sln[key] = float(np.mean([gp.grade(ex, p) for ex, p in zip(examples, sln_paths[key])]))
     best = max(sln, key=sln.get)
-    kind, rule, k = best.split("/")
-    k_val = None if k == "k=all" else int(k[2:])
-    best_paths = [sp.sln_path(ex["edges"], ex["source"], ex["target"], k=k_val, kind=kind, rule=rule, scale=s.sln_scale)
-                  for ex in examples]
+    best_paths = sln_paths[best]
     walks = [sp.random_walk_path(ex["edges"], ex["source"], ex["target"], rng) for ex in examples]
     canonical = [ex["canonical"] for ex in examples]
     return {"sln": sln, "sln_scale": s.sln_scale, "sln_best": best, "sln_best_acc": sln[best],
