@@ -98,6 +98,17 @@ class FakeServer:
             call = self.arrivals[prompt]
             self.arrivals[prompt] += 1
             self.auth.append(h.headers.get("Authorization"))
+        left = False
+
+        def leave():
+            # Counted out before the reply is written: the client may read it and send its next request
+            # before this thread would reach a `finally`, which would count one request too many in flight.
+            nonlocal left
+            if not left:
+                left = True
+                with self.lock:
+                    self.in_flight -= 1
+
         try:
             time.sleep(cfg.get("delay", 0))
             if call == 0 and cfg.get("sleep_first"):
@@ -111,6 +122,7 @@ class FakeServer:
                 self.calls[prompt].append((time.monotonic(), status, body))
             if status != 200:
                 headers = {"Retry-After": str(cfg["retry_after"])} if "retry_after" in cfg else {}
+                leave()
                 return self.send(h, status, {"error": {"message": f"status {status} for testing"}}, headers)
             n = min(body.get("n", 1), cfg.get("max_choices", 1 << 30))
             texts = [None if cfg.get("null_content") else reply_text(prompt, body.get("seed"), i) for i in range(n)]
@@ -118,10 +130,10 @@ class FakeServer:
                 choices = [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)]
             else:
                 choices = [{"index": i, "text": t} for i, t in enumerate(texts)]
+            leave()
             self.send(h, 200, {"object": "chat.completion" if chat else "text_completion", "choices": choices[::-1]})
         finally:
-            with self.lock:
-                self.in_flight -= 1
+            leave()
 
     @staticmethod
     def send(h, status, obj, headers=None):
