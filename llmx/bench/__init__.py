@@ -12,6 +12,7 @@ from llmx.bench.base import BENCHES, BenchError, BenchGenerator, get_bench, regi
 from llmx.bench.dataset import build_plan, generate_dataset, load_bench
 import llmx.bench.gsm_infinite  # noqa: E402  (registers "gsm_infinite")
 import llmx.bench.shortest_path  # noqa: E402  (registers "shortest_path")
+import llmx.bench.keys_maze  # noqa: E402  (registers "keys_maze")
 
 __all__ = ["BENCHES", "BenchError", "BenchGenerator", "build_plan", "generate_dataset", "get_bench", "load_bench",
            "register_bench"]
