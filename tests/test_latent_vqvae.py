@@ -154,7 +154,8 @@ def test_chunking_helpers():
     prompt, cot, sol = [7] * 5, list(range(1, 41)), [9] * 3
     items = training_chunks([(prompt, cot, sol)], L, pad_id=0)
     x = torch.cat([c[m] for _, c, m in items]).tolist()
-    assert x == prompt + cot + sol and len(items) == 3 and all(p == prompt for p, _, _ in items)
+    assert x == prompt + cot + sol and len(items) == 5 and all(p == prompt for p, _, _ in items)
+    assert items[1][1].tolist() == cot[:16]  # C is chunked from its own start, as at application
     cc = cot_chunks(prompt, cot, L)
     assert len(cc) == 2 and torch.cat([c for _, c, _ in cc]).tolist() == cot[:32]  # 8-token tail dropped
     assert all(m.all() for _, _, m in cc)
@@ -199,7 +200,7 @@ def test_encode_cot_matches_codes_for_and_save_load(tmp_path):
 
 def test_multi_latent_chunks_encoder_prompt_and_loss_codebook():
     m = tiny(compression=4, encoder_prompt=True, codebook_update="loss").train()
-    items = training_chunks([([1, 2, 3], list(range(4, 20)), [5, 6])], L, pad_id=0)  # 21 tokens: 2 chunks
+    items = training_chunks([([1, 2, 3], list(range(4, 20)), [5, 6])], L, pad_id=0)[1:]  # C (16) and S (2)
     b = collate(items, 0)
     out = m(**b)
     assert out["codes"].shape == (2, 4) and out["logits"].shape == (2, L, 30)

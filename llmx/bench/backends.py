@@ -172,6 +172,7 @@ class HFBackend(Backend):
         max_new_tokens: int = 512,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
         chat_template: bool = True,
         system_prompt: Optional[str] = None,
@@ -201,6 +202,9 @@ class HFBackend(Backend):
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        if top_k < 0:
+            raise LlmxError(f"hf backend: top_k={top_k} must be >= 0 (0: no top-k filter)")
+        self.top_k = int(top_k)
         self.seed = int(seed)
         self.use_chat_template = bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
         self.system_prompt = system_prompt
@@ -256,6 +260,7 @@ class HFBackend(Backend):
                 "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature,
                 "top_p": self.top_p if self.temperature > 0 else 1.0,
+                **({"top_k": self.top_k} if self.top_k and self.temperature > 0 else {}),
                 "seed": self.seed if self.temperature > 0 else None,
                 "sampler": RowSeededSampler.VERSION if self.temperature > 0 else "greedy",
                 "stop": self.stop,
@@ -349,7 +354,8 @@ class HFBackend(Backend):
         )
         if self.temperature > 0:
             seeds = [_seed_from(self.seed, key, j) for key, j in ids]
-            kwargs["logits_processor"] = LogitsProcessorList([RowSeededSampler(seeds, self.temperature, self.top_p)])
+            sampler = RowSeededSampler(seeds, self.temperature, self.top_p, self.top_k)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         if self.stop:  # stop early; the reply is cut at the stop string after decoding
             kwargs.update(stop_strings=self.stop, tokenizer=self.tokenizer)
         with torch.inference_mode():
@@ -374,15 +380,16 @@ class RowSeededSampler:
     depends on which rows share its batch and in which order; a resumed run (which batches only the
     unfinished requests) or a different batch_size would then give different replies. Here row i
     adds Gumbel noise from its own generator, seeded from (seed, key, sample index), to its
-    temperature-scaled, top-p-filtered logits; argmax of logits/T + Gumbel is an exact sample from
+    temperature-scaled, top-k- and top-p-filtered logits; argmax of logits/T + Gumbel is an exact sample from
     softmax(logits/T) (the Gumbel-max trick). A row's t-th token uses the t-th draw of its own stream,
     whatever else is in the batch."""
 
     VERSION = "gumbel-per-row-v1"  # in the fingerprint: a change here must not mix with old caches
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int = 0):
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
         self.seeds = list(seeds)
         self.generators: Optional[List[Any]] = None  # made on the scores' device at the first step
 
@@ -392,6 +399,9 @@ class RowSeededSampler:
         if self.generators is None:
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         scores = scores.float() / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             from transformers import TopPLogitsWarper
 

@@ -73,6 +73,7 @@ class DataSource(str, Enum):
     hub = "hub"  # a Hugging Face dataset name (needs the network), streaming or not
     synthetic = "synthetic"  # a generator registered in llmx.data.synthetic
     graph_paths = "graph_paths"  # shortest paths on random graphs (llmx.graphs.paths; Spectral Journey's task)
+    latent_cot = "latent_cot"  # prompt / chain of thought / solution triples (Token Assorted; data.latent)
 
 
 class TokenizerSource(str, Enum):
@@ -126,6 +127,27 @@ class GraphsConfig:
 
 
 @dataclass
+class LatentDataConfig:
+    """data.source=latent_cot: (prompt, chain of thought, solution) examples for Token Assorted
+    (llmx/recipes/token_assorted.py has the format of each task)."""
+
+    task: str = "keys_maze"  # keys_maze | gsm_infinite (llmx.bench generators) | jsonl (MetaMathQA-style files)
+    options: Dict[str, Any] = field(default_factory=dict)  # the generator's options (keys_maze: MazeSpec fields)
+    subset: str = "medium"  # gsm_infinite subset
+    ops: List[int] = field(default_factory=lambda: [1, 2])  # op counts, examples spread evenly over them
+    train_examples: int = 4000
+    val_examples: int = 100
+    test_examples: int = 200
+    seed: int = 0  # data seed (the run's seed sets initialisation and data order)
+    workers: int = 1  # generation processes
+    paths: List[str] = field(default_factory=list)  # task=jsonl: training files
+    test_paths: List[str] = field(default_factory=list)  # task=jsonl: test files
+    prompt_field: str = "query"
+    response_field: str = "response"
+    answer_marker: str = "The answer is:"  # task=jsonl: the response's CoT ends where the solution starts
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     source: DataSource = DataSource.pydoc
@@ -147,6 +169,7 @@ class DataConfig:
     overlap_window: int = 64
     pylib: PylibConfig = field(default_factory=PylibConfig)
     graphs: GraphsConfig = field(default_factory=GraphsConfig)
+    latent: LatentDataConfig = field(default_factory=LatentDataConfig)
     val_max_sequences: int = 256  # evaluation uses at most this many held-out sequences
     shuffle: bool = True
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -801,6 +824,43 @@ class SpectralConfig:
 
 
 @dataclass
+class VQVAETrainConfig:
+    """The VQ-VAE that makes latent tokens (llmx.latent.vqvae has every choice's why)."""
+
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_prompt_len: int = 256
+    beta: float = 0.25  # commitment weight
+    codebook_update: str = "ema"  # ema | loss
+    ema_decay: float = 0.99
+    dead_code_steps: int = 100  # restart a code unused this many steps (0: never)
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class LatentConfig:
+    """Token Assorted (llmx.latent, recipe token_assorted): the variant trained, the mixing, the VQ-VAE, evaluation."""
+
+    variant: str = "latent"  # sol_only | cot | latent
+    mix: str = "random"  # random (the method) | all | curriculum | poisson (the paper's ablations) | none
+    m_set: List[int] = field(default_factory=lambda: [0, 16, 32, 48])  # leading CoT tokens replaced, per example
+    chunk_len: int = 16  # L
+    compression: int = 16  # r: one latent per r tokens
+    codebook_size: int = 64
+    vqvae: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
+    vqvae_dir: Optional[str] = None  # a trained VQ-VAE to use (null: train one, cached by data and settings)
+    embed_noise: float = 1.0  # new embedding rows: mean + embed_noise * std * N(0, 1) of the old rows
+    samples: int = 10  # keys_maze: k of 1-Feasible-k (sampled); other tasks decode greedily once
+    top_k: int = 10  # top-k filter of the sampled decoding
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    eval_batch_size: int = 64
+
+
+@dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
     name: str = MISSING
@@ -827,6 +887,7 @@ class LlmxConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

@@ -212,14 +212,20 @@ def render(tok, prompt: str, response: str, chat_template: bool = True) -> Tuple
 
 
 def pack_pairs(tok, pairs: Sequence[Pair], seq_len: int, chat_template: bool = True) -> Tuple[List[torch.Tensor], Dict[str, int]]:
-    """[2, seq_len] items holding whole examples (prompt labels masked), padded with EOS; an example longer
-    than seq_len keeps its prompt and the start of its response. Also counts examples, truncated, skipped
-    (prompt alone too long) and response tokens."""
+    """Text pairs rendered with the tokenizer (`render`) and packed by `pack_token_pairs`."""
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+    return pack_token_pairs([render(tok, p, r, chat_template) for p, r in pairs], seq_len, pad)
+
+
+def pack_token_pairs(pairs: Sequence[Tuple[List[int], List[int]]], seq_len: int, pad: int
+                     ) -> Tuple[List[torch.Tensor], Dict[str, int]]:
+    """[2, seq_len] items holding whole (prompt ids, response ids) examples (prompt labels masked), padded
+    with `pad`; an example longer than seq_len keeps its prompt and the start of its response. Also counts
+    examples, truncated, skipped (prompt alone too long), response tokens and tokens (padding excluded)."""
     items: List[torch.Tensor] = []
     ids: List[int] = []
     labels: List[int] = []
-    stats = {"examples": 0, "truncated": 0, "skipped": 0, "response_tokens": 0}
+    stats = {"examples": 0, "truncated": 0, "skipped": 0, "response_tokens": 0, "tokens": 0}
 
     def flush():
         if ids:
@@ -228,8 +234,7 @@ def pack_pairs(tok, pairs: Sequence[Pair], seq_len: int, chat_template: bool = T
             ids.clear()
             labels.clear()
 
-    for prompt, response in pairs:
-        p, r = render(tok, prompt, response, chat_template)
+    for p, r in pairs:
         if len(p) + 8 > seq_len:
             stats["skipped"] += 1
             continue
@@ -242,6 +247,7 @@ def pack_pairs(tok, pairs: Sequence[Pair], seq_len: int, chat_template: bool = T
         labels += [IGNORE_INDEX] * len(p) + r
         stats["examples"] += 1
         stats["response_tokens"] += len(r)
+        stats["tokens"] += len(p) + len(r)
     flush()
     return items, stats
 

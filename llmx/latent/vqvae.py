@@ -37,10 +37,12 @@ choices made here, each a `VQVAEConfig` field or documented behaviour:
   g(P) and learned positions for the latents and the L query slots) goes through `layers` transformer layers
   with full attention; a LayerNorm + linear head reads token logits at the query slots.
 * Reconstruction loss: token cross-entropy averaged over non-pad positions of the chunk.
-* Data: training chunks are the chunks of X aligned at 0, L, 2L, ... of X (the last may be partial and is
-  padded; its padding is masked out of the loss), each paired with its example's prompt. At application the
-  chunks of C are aligned at the start of C, and only FULL chunks are encoded: latents replace whole chunks,
-  a trailing partial chunk of C stays text. Prompts are right-padded in a batch (mask True = real token).
+* Data: training chunks cover the whole X, each part chunked from its own start: P at 0, L, 2L, ..., then C,
+  then S (a part's last chunk may be partial and is padded; padding is masked out of the loss), each paired
+  with its example's prompt. Chunking C from its start trains on exactly the chunks that are encoded at
+  application, where the chunks of C are aligned at the start of C and only FULL chunks are encoded: latents
+  replace whole chunks, a trailing partial chunk of C stays text. Prompts are right-padded in a batch (mask
+  True = real token).
 * Training (`train_vqvae`): AdamW (betas 0.9/0.95, weight decay 0), constant lr after a linear warmup of
   min(100, steps // 10) steps, gradient clipping at 1.0, batches drawn by a seeded permutation per epoch.
 """
@@ -337,11 +339,12 @@ def chunk_sequence(ids: Sequence[int], chunk_len: int, pad_id: int = 0) -> Tuple
 
 def training_chunks(examples: Sequence[Tuple[List[int], List[int], List[int]]], chunk_len: int, pad_id: int
                     ) -> List[Item]:
-    """The chunks of every X = P + C + S (aligned at 0, L, 2L, ... of X), each with its example's prompt."""
+    """The chunks of every X = P + C + S, each part chunked from its own start, with the example's prompt."""
     items: List[Item] = []
     for prompt, cot, sol in examples:
-        chunks, mask = chunk_sequence(list(prompt) + list(cot) + list(sol), chunk_len, pad_id)
-        items.extend((list(prompt), c, m) for c, m in zip(chunks, mask))
+        for part in (prompt, cot, sol):
+            chunks, mask = chunk_sequence(list(part), chunk_len, pad_id)
+            items.extend((list(prompt), c, m) for c, m in zip(chunks, mask))
     return items
 
 

@@ -33,11 +33,17 @@ from llmx.trainer.trainer import Trainer
 
 
 def main(cfg) -> dict:
-    if str(getattr(cfg.data.source, "value", cfg.data.source)) == "graph_paths":
+    source = str(getattr(cfg.data.source, "value", cfg.data.source))
+    if source == "graph_paths":
         # Shortest paths on graphs (Spectral Journey): its own data, evaluation and probes in one file.
         from llmx.recipes.spectral_journey import main as spectral_journey_main
 
         return spectral_journey_main(cfg)
+    if source == "latent_cot":
+        # Token Assorted: VQ-VAE latents mixed with chain-of-thought text, and its evaluation, in one file.
+        from llmx.recipes.token_assorted import main as token_assorted_main
+
+        return token_assorted_main(cfg)
     info = init_distributed(cfg.trainer.device)
     try:
         run_dir = Path(cfg.run_dir)
