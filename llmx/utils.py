@@ -60,6 +60,14 @@ def atomic_write_json(path: os.PathLike | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def add_to_final(run_dir: os.PathLike | str, final: Dict[str, Any], headline: Dict[str, Any]) -> None:
+    """Merge a recipe's headline figures into the run's final.json (the trainer's summary, `final` if it wrote
+    none), so that `llmx report` tabulates them beside the training figures."""
+    path = Path(run_dir) / "final.json"
+    merged = json.loads(path.read_text()) if path.is_file() else dict(final)
+    atomic_write_json(path, {**merged, **headline})
+
+
 def enum_value(x: Any) -> Any:
     """A config enum's value (`sparsify.method` -> "sharp"); anything else as it is."""
     return getattr(x, "value", x)

@@ -12,25 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
-
-def mean_se(xs):
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan"), 0
-    m = sum(xs) / len(xs)
-    se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-    return m, se, len(xs)
-
-
-def fmt(xs, scale=100.0, digits=1):
-    m, se, n = mean_se(xs)
-    return f"{m * scale:.{digits}f} ± {se * scale:.{digits}f}" if n > 1 else f"{m * scale:.{digits}f}"
+from seedstats import fmt, mean_se
 
 
 def load(root: Path):

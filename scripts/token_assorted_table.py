@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
-
-def mean_se(xs):
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan"), 0
-    m = sum(xs) / len(xs)
-    se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-    return m, se, len(xs)
-
-
-def fmt(xs, scale=1.0, digits=1):
-    m, se, n = mean_se(xs)
-    return f"{m * scale:.{digits}f} ± {se * scale:.{digits}f}" if n > 1 else f"{m * scale:.{digits}f}"
+from seedstats import fmt, mean_se
 
 
 def load(root: Path, seeds):
@@ -72,11 +59,11 @@ def main():
         row["metric"] = res[0]["metric"]
         summary["/".join(key)] = row
         print(f"| {key[0]} | {key[1]} | {key[2]} | {','.join(map(str, row['seeds']))} | "
-              f"{res[0]['metric']}: {fmt([r['accuracy'] for r in res], 100)} | "
-              f"{fmt([r['greedy_accuracy'] for r in res], 100)} | {fmt([r['tokens_per_answer'] for r in res])} | "
-              f"{fmt([r['latent_tokens_per_answer'] for r in res])} | "
-              f"{fmt([r['reference_response_tokens'] for r in res])} | {fmt([r['answers_per_s'] for r in res])} | "
-              f"{fmt([r['tokens_per_s'] for r in res], digits=0)} |")
+              f"{res[0]['metric']}: {fmt([r['accuracy'] for r in res])} | "
+              f"{fmt([r['greedy_accuracy'] for r in res])} | {fmt([r['tokens_per_answer'] for r in res], 1)} | "
+              f"{fmt([r['latent_tokens_per_answer'] for r in res], 1)} | "
+              f"{fmt([r['reference_response_tokens'] for r in res], 1)} | "
+              f"{fmt([r['answers_per_s'] for r in res], 1, 2)} | {fmt([r['tokens_per_s'] for r in res], 1, 0)} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=1))

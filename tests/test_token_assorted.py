@@ -242,3 +242,15 @@ def test_maze_bench_recipe_grades_the_oracle_perfectly(tmp_path):
              check=True)
     summary = json.loads((run_dir / "final.json").read_text())
     assert summary["acc"] == 1.0 and summary["problems_evaluated"] == 6
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_run_evaluates_its_export(tmp_path):
+    run = tmp_path / "run"
+    proc = run_llmx(["run", "recipe=token_assorted_maze_tiny", "launcher=torchrun", "launcher.nproc_per_node=2",
+                     "trainer.max_steps=10", "trainer.micro_batch_size=4", "trainer.eval_every=10", "trainer.ckpt_every=10",
+                     "logger.progress=false",
+                     f"hydra.run.dir={run}"], cwd=tmp_path, check=True)
+    results = json.loads((run / "results.json").read_text())
+    assert results["final"]["step"] == 10 and results["test_examples"] == 16 and 0 <= results["accuracy"] <= 1
+    assert results["train_tokens"] == 10 * 8 * 256

@@ -43,7 +43,7 @@ from llmx.graphs.evaluate import edge_representations, greedy_paths, step_accura
 from llmx.models import build_model, count_parameters
 from llmx.trainer.distributed import destroy_distributed, init_distributed
 from llmx.trainer.trainer import Trainer
-from llmx.utils import LlmxError, atomic_write_json, atomic_write_text
+from llmx.utils import LlmxError, add_to_final, atomic_write_json, atomic_write_text
 
 
 def main(cfg) -> Dict[str, Any]:
@@ -89,9 +89,7 @@ def main(cfg) -> Dict[str, Any]:
         atomic_write_json(run_dir / "results.json", results)
         headline = {k: results[k] for k in ("path_acc_any", "path_acc_canonical", "step_acc_any",
                                               "step_acc_canonical", "sln_best_acc", "probe_gap")}
-        final_path = run_dir / "final.json"
-        merged = json.loads(final_path.read_text()) if final_path.is_file() else dict(final)
-        atomic_write_json(final_path, {**merged, **headline})
+        add_to_final(run_dir, final, headline)
         print(f"llmx: test path accuracy {results['path_acc_any']:.3f} (any shortest path), "
               f"{results['path_acc_canonical']:.3f} (canonical); per step {results['step_acc_any']:.3f}; "
               f"SLN best {results['sln_best_acc']:.3f} ({results['sln_best']}); results in {run_dir}", flush=True)

@@ -56,9 +56,9 @@ import torch
 from llmx.data.instruct import PairLoader, pack_token_pairs, pair_eval_batches, render
 from llmx.latent import hybrid as hy
 from llmx.models import build_model, count_parameters, load_pretrained
-from llmx.trainer.distributed import destroy_distributed, init_distributed
+from llmx.trainer.distributed import barrier, destroy_distributed, init_distributed
 from llmx.trainer.trainer import Trainer
-from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir
+from llmx.utils import LlmxError, add_to_final, atomic_write_json, atomic_write_text, cache_dir
 
 TASKS = ("keys_maze", "gsm_infinite", "jsonl")
 
@@ -72,24 +72,17 @@ def main(cfg) -> Dict[str, Any]:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        # 1. Records, tokenizer and model (a pretrained model gains the latent tokens), then (P, C, S) ids.
+        # 1-2. Records, tokenizer and model (a pretrained model gains the latent tokens), (P, C, S) ids, and the
+        #      VQ-VAE's codes of every example's whole CoT chunks. Rank 0 goes first, so the generated problems
+        #      and the VQ-VAE are built once and cached; the other ranks read them.
         t0 = time.perf_counter()
-        train_rec, val_rec, test_rec = load_records(cfg)
-        model, tok, ids = build_model_and_tokenizer(cfg)
-        train, val, test = (triples(cfg, tok, r) for r in (train_rec, val_rec, test_rec))
+        prepared = prepare(cfg, verbose=True) if info.is_main else None
+        barrier()
+        if prepared is None:
+            prepared = prepare(cfg, verbose=False)
+        model, tok, ids, train, val, test, test_rec, codes, val_codes, vq_info = prepared
+        torch.manual_seed(cfg.seed)
         data_s = time.perf_counter() - t0
-
-        # 2. The VQ-VAE (data preparation): the codes of every example's whole CoT chunks.
-        vq_info: Dict[str, Any] = {}
-        codes = val_codes = None
-        if lat.variant == "latent":
-            vq, vq_info = get_vqvae(cfg, tok, train, val, info.is_main)
-            from llmx.latent.vqvae import encode_cot
-
-            t1 = time.perf_counter()
-            codes, val_codes = encode_cot(vq, train, 256), encode_cot(vq, val, 256)
-            vq_info["encode_seconds"] = round(time.perf_counter() - t1, 2)
-            hy.check_codes(codes, lat.codebook_size, "training set")
 
         # 3. Training rows: enough epochs of (re-mixed) examples for max_steps steps, packed to seq_len.
         rows, pack_stats = training_rows(cfg, train, codes, ids, tok)
@@ -117,15 +110,32 @@ def main(cfg) -> Dict[str, Any]:
                        final={k: final.get(k) for k in ("step", "val_loss", "tokens_per_s")})
         atomic_write_json(run_dir / "results.json", results)
         headline = {k: results[k] for k in ("accuracy", "greedy_accuracy", "tokens_per_answer", "answers_per_s")}
-        final_path = run_dir / "final.json"
-        merged = json.loads(final_path.read_text()) if final_path.is_file() else dict(final)
-        atomic_write_json(final_path, {**merged, **headline})
+        add_to_final(run_dir, final, headline)
         print(f"llmx: {lat.variant}: {results['metric']} {results['accuracy']:.3f}, "
               f"greedy {results['greedy_accuracy']:.3f}, "
               f"{results['tokens_per_answer']:.1f} tokens per answer; results in {run_dir}", flush=True)
         return {**final, **headline}
     finally:
         destroy_distributed()
+
+
+def prepare(cfg, verbose: bool):
+    lat = cfg.latent
+    train_rec, val_rec, test_rec = load_records(cfg)
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial model
+    model, tok, ids = build_model_and_tokenizer(cfg)
+    train, val, test = (triples(cfg, tok, r) for r in (train_rec, val_rec, test_rec))
+    vq_info: Dict[str, Any] = {}
+    codes = val_codes = None
+    if lat.variant == "latent":
+        from llmx.latent.vqvae import encode_cot
+
+        vq, vq_info = get_vqvae(cfg, tok, train, val, verbose)
+        t1 = time.perf_counter()
+        codes, val_codes = encode_cot(vq, train, 256), encode_cot(vq, val, 256)
+        vq_info["encode_seconds"] = round(time.perf_counter() - t1, 2)
+        hy.check_codes(codes, lat.codebook_size, "training set")
+    return model, tok, ids, train, val, test, test_rec, codes, val_codes, vq_info
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -347,8 +357,7 @@ def get_vqvae(cfg, tok, train, val, verbose: bool):
     expect = {"vocab_size": len(tok), "tokenizer": tokenizer_fingerprint(tok), "codebook_size": lat.codebook_size,
               "chunk_len": lat.chunk_len}
     if lat.vqvae_dir:
-        model, saved = load_vqvae(lat.vqvae_dir, expect=expect)
-        return model, {"dir": str(lat.vqvae_dir), **saved.get("metrics", {})}
+        return load_vqvae(lat.vqvae_dir, expect=expect), {"dir": str(lat.vqvae_dir), **saved_metrics(lat.vqvae_dir)}
     vcfg = VQVAEConfig(vocab_size=len(tok), pad_id=pad_id(tok), chunk_len=lat.chunk_len, compression=lat.compression,
                        codebook_size=lat.codebook_size, dim=v.dim, layers=v.layers, heads=v.heads,
                        max_prompt_len=v.max_prompt_len, beta=v.beta, codebook_update=v.codebook_update,
@@ -358,8 +367,7 @@ def get_vqvae(cfg, tok, train, val, verbose: bool):
                                      expect["tokenizer"]], sort_keys=True).encode()).hexdigest()[:16]
     where = cache_dir(cfg.data.cache_dir) / "token_assorted" / f"vqvae-{key}"
     if (where / "config.json").is_file():
-        model, saved = load_vqvae(where, expect=expect)
-        return model, {"dir": str(where), "cached": True, **saved.get("metrics", {})}
+        return load_vqvae(where, expect=expect), {"dir": str(where), "cached": True, **saved_metrics(where)}
     torch.manual_seed(cfg.data.latent.seed)
     model = VQVAE(vcfg)
     items = training_chunks(train, lat.chunk_len, vcfg.pad_id)
@@ -377,6 +385,11 @@ def get_vqvae(cfg, tok, train, val, verbose: bool):
         f"codebook usage {metrics['codebook_usage']:.2f}, perplexity {metrics['perplexity']:.1f}")
     save_vqvae(model, where, extra={**expect, "metrics": metrics})
     return model, {"dir": str(where), "cached": False, **metrics}
+
+
+def saved_metrics(where) -> Dict[str, Any]:
+    """The quality figures a VQ-VAE was saved with (by this recipe; one trained elsewhere may have none)."""
+    return json.loads((Path(where) / "config.json").read_text()).get("extra", {}).get("metrics", {})
 
 
 # ------------------------------------------------------------------------------------------ evaluation
