@@ -4,9 +4,10 @@ state. The first run given is the baseline.
 
     .venv/bin/python scripts/bench_token_assorted.py RUN_COT RUN_LATENT [RUN_SOL] [--prompts 200] [--repeats 3]
 
-Prints a table (answers/s, generated tokens/s, tokens per answer, wall time per answer, each as a ratio to the
-baseline) and writes JSON (--out, default outputs/bench/token_assorted.json). Uses the runs' own test problems
-(rebuilt from their config.yaml) and the decoding settings of the recipe (greedy, latent.max_new_tokens).
+Prints a table (answers/s, generated tokens/s, tokens per answer; answers/s and length as ratios to the baseline;
+one prompt at a time by default, so that an answer's own length sets its cost) and writes JSON (--out, default
+outputs/bench/token_assorted.json). Uses the runs' own test problems (rebuilt from their config.yaml) and the
+recipe's decoding settings (greedy, latent.max_new_tokens).
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ def main():
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="prompts decoded together (1: each answer's own length sets its cost; in a batch the longest "
+                         "answer does)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/token_assorted.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = []
     for run_dir in args.runs:
         cfg, tok, model, prompts = load_run(run_dir)
-        backend = HFBackend(model, tok, batch_size=cfg.latent.eval_batch_size,
-                            max_new_tokens=cfg.latent.max_new_tokens, chat_template=False)
+        backend = HFBackend(model, tok, batch_size=args.batch_size, max_new_tokens=cfg.latent.max_new_tokens,
+                            chat_template=False)
         runs.append({"run": str(run_dir), "variant": cfg.latent.variant, "backend": backend,
                      "prompts": prompts[: args.prompts], "times": [], "tokens": 0})
     for _ in range(args.repeats):  # alternate, so drift in machine state hits every run alike
@@ -83,6 +87,7 @@ def main():
               f"{row['tokens_per_answer_ratio']:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                                    "batch_size": args.batch_size,
                                     "torch": torch.__version__, "repeats": args.repeats, "rows": rows}, indent=1))
 
 

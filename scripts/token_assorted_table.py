@@ -46,8 +46,8 @@ def main():
     if not runs:
         raise SystemExit(f"no results.json under {args.root}")
     summary = {}
-    print("| task | variant | mix | seeds | metric (%) | greedy (%) | tokens/answer | latent tokens | reference "
-          "tokens | answers/s | tokens/s |")
+    print("| task | variant | mix | seeds | metric (%) | greedy (%) | tokens/answer | latent tokens | CoT+solution "
+          "(reference) | answers/s | tokens/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in sorted(runs, key=lambda k: (k[0], ORDER.get(k[1], 9), k[2])):
         rs = runs[key]
