@@ -1,0 +1,2 @@
+"""CoCoMix's concepts (Tack et al., 2025, arXiv 2502.08524): a TopK sparse autoencoder on a teacher's residual
+stream (`sae`)."""
