@@ -1,0 +1,154 @@
+"""The CoCoMix student ("LLM Pretraining with Continuous Concepts", Tack et al., 2025, arXiv 2502.08524, section 3.2),
+for any Hugging Face Llama-family causal LM, in plain PyTorch.
+
+Before decoder block `insert_layer`, the hidden state h_t of every token predicts the teacher's concepts and is
+joined by a continuous concept vector c_t built from that prediction:
+
+    x_t = LN(h_t) - b_pre                     LN without affine (unbiased std + eps), as the SAE normalises
+    l_t = W_pred x_t + b_pred                 concept logits over the SAE's n latents
+    c_t = (W_comp TopK_32(l_t) + b_comp + b_pre) * (sigma_t + eps) + mu_t     back to h's scale
+
+    mix = "interleave": the rest of the model reads [h_1, c_1, h_2, c_2, ...] (causal), and the LM head reads the
+          final states at the concept slots, so token t's next-token logits see its own concept (the paper's
+          method and the reference's forward);
+    mix = "add":        h_t + c_t, same length (the paper's "adding instead of interleaving" ablation);
+    mix = "none":       the sequence is unchanged, only the concept loss trains the predictor's input (the
+          "prediction only" ablation).
+
+Loss (`cocomix_loss`): L_NTP + lambda * L_concept, L_concept = mean over the `top` labels j of CE(l_t, label_t,j)
+(lambda = 0.1, top = 4 in the paper); labels come from `llmx.concept.attribution.concept_labels`.
+
+Choices llmx makes (GPT-2's learned positions are added once at the input; Llama rotates q and k in every layer):
+
+* Positions after interleaving (`concept_position`): "same" gives c_t the position of h_t (position ids
+  0,0,1,1,...), so relative distances above the insert layer are those of the layers below and the RoPE range is
+  unchanged; "sequential" numbers the 2T slots 0..2T-1.
+* TopK keeps the 32 largest logits with their signed values (the reference masks the dense logits); the
+  compression is computed from the 32 (index, value) pairs, which gives the same result and gradient as the
+  dense masked matmul at 32/n of its cost.
+* The de-normalisation multiplies by sigma + eps, the same scale LN divided by (the reference divides by
+  sigma + eps and multiplies by sigma; the difference is eps).
+* Attention must be causal with no mask argument: SDPA (or flash attention) implementations; eager attention is
+  refused because it would see the doubled sequence without a causal mask. Batches are unpadded packed blocks.
+
+The concept head is a separate module (`ConceptHead`) so that FSDP2 can shard it like any other module and the
+LM's own parameter names are unchanged (its HF export is the backbone; the concept head is saved beside it).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmx.utils import LlmxError
+
+MIXES = ("interleave", "add", "none")
+POSITIONS = ("same", "sequential")
+
+
+def layer_norm_stats(h: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(normalised h, mu, sigma + eps): LN without affine, unbiased std, as OpenAI's SAEs and CoCoMix normalise."""
+    mu = h.mean(-1, keepdim=True)
+    scale = (h - mu).std(-1, keepdim=True) + eps
+    return (h - mu) / scale, mu, scale
+
+
+class ConceptHead(nn.Module):
+    """Concept predictor and compressor: h [B, T, d] -> (concept logits [B, T, n], concept vectors [B, T, d])."""
+
+    def __init__(self, d_model: int, n_concepts: int, k: int = 32, eps: float = 1e-5):
+        super().__init__()
+        if not 1 <= k <= n_concepts:
+            raise LlmxError(f"cocomix: concept k={k} must be in [1, n_concepts={n_concepts}]")
+        self.k, self.eps = k, eps
+        self.pre_bias = nn.Parameter(torch.zeros(d_model))
+        self.predictor = nn.Linear(d_model, n_concepts)
+        # The compressor is Linear(n -> d) stored row per concept ([n, d]) so that the 32 rows a token uses are
+        # gathered without transposing the whole matrix; initialised as nn.Linear(n, d) would be.
+        bound = n_concepts ** -0.5
+        self.compress_weight = nn.Parameter(torch.empty(n_concepts, d_model).uniform_(-bound, bound))
+        self.compress_bias = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
+
+    def forward(self, h: Tensor) -> Tuple[Tensor, Tensor]:
+        x, mu, scale = layer_norm_stats(h, self.eps)
+        logits = self.predictor(x - self.pre_bias)
+        vals, idx = logits.topk(self.k, dim=-1)
+        flat = F.embedding_bag(idx.reshape(-1, self.k), self.compress_weight,
+                               per_sample_weights=vals.reshape(-1, self.k), mode="sum")
+        c = flat.reshape(h.shape) + self.compress_bias + self.pre_bias
+        return logits, c * scale + mu
+
+
+class CoCoMixLM(nn.Module):
+    """A Llama-family HF causal LM with CoCoMix's concept head at block `insert_layer`.
+
+    forward(input_ids [B, T]) -> (token logits [B, T, vocab], concept logits [B, T, n])."""
+
+    def __init__(self, lm: nn.Module, n_concepts: int, insert_layer: int, k: int = 32, mix: str = "interleave",
+                 concept_position: str = "same"):
+        super().__init__()
+        inner = getattr(lm, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(lm, "lm_head"):
+            raise LlmxError(f"cocomix: {type(lm).__name__} is not a Llama-family HF causal LM "
+                            "(model.embed_tokens, model.layers, model.rotary_emb, model.norm, lm_head)")
+        if not 0 <= insert_layer < len(layers):
+            raise LlmxError(f"cocomix: insert_layer={insert_layer} outside the model's {len(layers)} blocks "
+                            f"(valid: 0..{len(layers) - 1})")
+        if mix not in MIXES:
+            raise LlmxError(f"cocomix: mix={mix!r}; valid: {', '.join(MIXES)}")
+        if concept_position not in POSITIONS:
+            raise LlmxError(f"cocomix: concept_position={concept_position!r}; valid: {', '.join(POSITIONS)}")
+        attn = getattr(lm.config, "_attn_implementation", None)
+        if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+            raise LlmxError(f"cocomix: attention implementation {attn!r} needs an explicit mask; load the model "
+                            "with attn_implementation='sdpa'")
+        self.lm = lm
+        self.concept = ConceptHead(lm.config.hidden_size, n_concepts, k)
+        self.insert_layer, self.mix, self.concept_position = insert_layer, mix, concept_position
+
+    def forward(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        inner = self.lm.model
+        h = inner.embed_tokens(input_ids)
+        b, t, d = h.shape
+        pos = torch.arange(t, device=h.device)[None]
+        rope = inner.rotary_emb(h, pos)
+        concept_logits = None
+        for i, layer in enumerate(inner.layers):
+            if i == self.insert_layer:
+                concept_logits, c = self.concept(h)
+                if self.mix == "add":
+                    h = h + c
+                elif self.mix == "interleave":
+                    h = torch.stack([h, c], dim=2).reshape(b, 2 * t, d)
+                    pos = (pos.repeat_interleave(2, dim=1) if self.concept_position == "same"
+                           else torch.arange(2 * t, device=h.device)[None])
+                    rope = inner.rotary_emb(h, pos)
+            h = layer(h, position_ids=pos, position_embeddings=rope)
+        h = inner.norm(h)
+        if self.mix == "interleave":
+            h = h[:, 1::2]
+        return self.lm.lm_head(h), concept_logits
+
+
+def cocomix_loss(logits: Tensor, concept_logits: Tensor, input_ids: Tensor, concept_labels: Optional[Tensor],
+                 lam: float = 0.1) -> Dict[str, Tensor]:
+    """L_NTP + lam * L_concept; concept_labels [B, T, top] with -100 where undefined (None: NTP only)."""
+    ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    if concept_labels is None:
+        return {"loss": ntp, "ntp": ntp.detach()}
+    if concept_labels.shape[:2] != input_ids.shape:
+        raise LlmxError(f"cocomix: concept labels of shape {tuple(concept_labels.shape)} do not match the batch "
+                        f"{tuple(input_ids.shape)}")
+    flat = concept_logits.flatten(0, 1).float()
+    labels = concept_labels.flatten(0, 1)
+    valid = labels[:, 0] != -100
+    if not bool(valid.any()):  # e.g. a one-token block: nothing to predict, no NaN
+        concept = flat.sum() * 0.0
+    else:
+        concept = torch.stack([F.cross_entropy(flat[valid], labels[valid, j])
+                               for j in range(labels.shape[-1])]).mean()
+    return {"loss": ntp + lam * concept, "ntp": ntp.detach(), "concept": concept.detach()}
