@@ -116,6 +116,12 @@ def test_prediction_only_reproduces_the_hf_forward():
         logits, concept_logits = model(ids)
         torch.testing.assert_close(logits, lm(input_ids=ids).logits)
     assert concept_logits.shape == (2, 8, 48)
+    # The backbone keeps its HF parameter names (FSDP's parallelize and the HF export rely on it).
+    from llmx.trainer.distributed import decoder_layers
+
+    names = set(model.state_dict())
+    assert {n for n in names if not n.startswith("concept.")} == set(lm.state_dict())
+    assert len(decoder_layers(model)) == 3
 
 
 @pytest.mark.parametrize("position", ["same", "sequential"])

@@ -31,8 +31,9 @@ Choices llmx makes (GPT-2's learned positions are added once at the input; Llama
 * Attention must be causal with no mask argument: SDPA (or flash attention) implementations; eager attention is
   refused because it would see the doubled sequence without a causal mask. Batches are unpadded packed blocks.
 
-The concept head is a separate module (`ConceptHead`) so that FSDP2 can shard it like any other module and the
-LM's own parameter names are unchanged (its HF export is the backbone; the concept head is saved beside it).
+The student keeps the backbone's modules under their Hugging Face names (model.*, lm_head.*) and adds the concept
+head as `concept.*`: llmx's FSDP2 `parallelize` shards it like any Llama, and the backbone's state dict exports as
+an HF checkpoint unchanged.
 """
 
 from __future__ import annotations
@@ -106,12 +107,14 @@ class CoCoMixLM(nn.Module):
         if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
             raise LlmxError(f"cocomix: attention implementation {attn!r} needs an explicit mask; load the model "
                             "with attn_implementation='sdpa'")
-        self.lm = lm
+        # The backbone's modules under their HF names (model.*, lm_head.*; a tied head stays tied), so that
+        # llmx's parallelize finds model.layers and the backbone's state dict is an HF LlamaForCausalLM's.
+        self.model, self.lm_head, self.config = inner, lm.lm_head, lm.config
         self.concept = ConceptHead(lm.config.hidden_size, n_concepts, k)
         self.insert_layer, self.mix, self.concept_position = insert_layer, mix, concept_position
 
     def forward(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
-        inner = self.lm.model
+        inner = self.model
         h = inner.embed_tokens(input_ids)
         b, t, d = h.shape
         pos = torch.arange(t, device=h.device)[None]
@@ -131,7 +134,7 @@ class CoCoMixLM(nn.Module):
         h = inner.norm(h)
         if self.mix == "interleave":
             h = h[:, 1::2]
-        return self.lm.lm_head(h), concept_logits
+        return self.lm_head(h), concept_logits
 
 
 def cocomix_loss(logits: Tensor, concept_logits: Tensor, input_ids: Tensor, concept_labels: Optional[Tensor],
