@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmx.concept.attribution import concept_labels
-from llmx.concept.cocomix import CoCoMixLM, ConceptHead, cocomix_loss
+from llmx.concept.cocomix import CoCoMixLM, ConceptHead, cocomix_loss, kd_loss
 from llmx.concept.sae import SAEConfig, TopKSAE
 from llmx.utils import LlmxError
 
@@ -171,6 +171,36 @@ def test_loss_is_ntp_plus_lambda_times_mean_concept_ce():
     torch.testing.assert_close(empty["loss"], ntp)
     with pytest.raises(LlmxError, match="do not match the batch"):
         cocomix_loss(logits, concept_logits, ids, labels[:, :3])
+
+
+def test_pause_baseline_interleaves_one_learned_vector():
+    lm = _llama()
+    model = CoCoMixLM(lm, n_concepts=48, insert_layer=0, mix="pause").eval()
+    assert model.concept is None
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in lm.parameters()) + D
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        logits, concept_logits = model(ids)
+        e = lm.model.embed_tokens(ids)
+        mixed = torch.stack([e, model.pause.expand_as(e)], dim=2).reshape(2, 10, D)
+        ref = lm(inputs_embeds=mixed, position_ids=torch.arange(5).repeat_interleave(2)[None]).logits[:, 1::2]
+    assert concept_logits is None
+    torch.testing.assert_close(logits, ref)
+
+
+def test_kd_loss_against_explicit_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, VOCAB), torch.randn(2, 6, VOCAB)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    out = kd_loss(s, t, ids, alpha=0.3, temperature=2.0)
+    ps = F.log_softmax(s[:, :-1] / 2, -1).double()
+    pt = F.log_softmax(t[:, :-1] / 2, -1).double()
+    kl = (pt.exp() * (pt - ps)).sum(-1).mean() * 4
+    ntp = F.cross_entropy(s[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).double()
+    torch.testing.assert_close(out["loss"].double(), 0.7 * ntp + 0.3 * kl, rtol=1e-5, atol=1e-6)
+    assert float(kd_loss(t, t, ids)["kd"]) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(LlmxError, match="teacher's tokenizer"):
+        kd_loss(s[..., :10], t, ids)
 
 
 def test_student_refusals():

@@ -13,7 +13,11 @@ joined by a continuous concept vector c_t built from that prediction:
           method and the reference's forward);
     mix = "add":        h_t + c_t, same length (the paper's "adding instead of interleaving" ablation);
     mix = "none":       the sequence is unchanged, only the concept loss trains the predictor's input (the
-          "prediction only" ablation).
+          "prediction only" ablation);
+    mix = "pause":      the pause-token baseline: one learned vector p interleaved after every token,
+          [h_1, p, h_2, p, ...], read at the p slots like the concepts; no concept head, no concept loss.
+          It spends exactly CoCoMix's extra compute with no concept content (Goyal et al., 2024, insert pause
+          tokens at the input; insert_layer=0 is that form with one pause after every token).
 
 Loss (`cocomix_loss`): L_NTP + lambda * L_concept, L_concept = mean over the `top` labels j of CE(l_t, label_t,j)
 (lambda = 0.1, top = 4 in the paper); labels come from `llmx.concept.attribution.concept_labels`.
@@ -46,7 +50,7 @@ from torch import Tensor, nn
 
 from llmx.utils import LlmxError
 
-MIXES = ("interleave", "add", "none")
+MIXES = ("interleave", "add", "none", "pause")
 POSITIONS = ("same", "sequential")
 
 
@@ -86,7 +90,7 @@ class ConceptHead(nn.Module):
 class CoCoMixLM(nn.Module):
     """A Llama-family HF causal LM with CoCoMix's concept head at block `insert_layer`.
 
-    forward(input_ids [B, T]) -> (token logits [B, T, vocab], concept logits [B, T, n])."""
+    forward(input_ids [B, T]) -> (token logits [B, T, vocab], concept logits [B, T, n], None for "pause")."""
 
     def __init__(self, lm: nn.Module, n_concepts: int, insert_layer: int, k: int = 32, mix: str = "interleave",
                  concept_position: str = "same"):
@@ -110,7 +114,12 @@ class CoCoMixLM(nn.Module):
         # The backbone's modules under their HF names (model.*, lm_head.*; a tied head stays tied), so that
         # llmx's parallelize finds model.layers and the backbone's state dict is an HF LlamaForCausalLM's.
         self.model, self.lm_head, self.config = inner, lm.lm_head, lm.config
-        self.concept = ConceptHead(lm.config.hidden_size, n_concepts, k)
+        d = lm.config.hidden_size
+        if mix == "pause":
+            self.concept = None
+            self.pause = nn.Parameter(torch.randn(d) * getattr(lm.config, "initializer_range", 0.02))
+        else:
+            self.concept = ConceptHead(d, n_concepts, k)
         self.insert_layer, self.mix, self.concept_position = insert_layer, mix, concept_position
 
     def forward(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
@@ -122,17 +131,20 @@ class CoCoMixLM(nn.Module):
         concept_logits = None
         for i, layer in enumerate(inner.layers):
             if i == self.insert_layer:
-                concept_logits, c = self.concept(h)
+                if self.mix == "pause":
+                    c = self.pause.to(h.dtype).expand_as(h)
+                else:
+                    concept_logits, c = self.concept(h)
                 if self.mix == "add":
                     h = h + c
-                elif self.mix == "interleave":
+                elif self.mix in ("interleave", "pause"):
                     h = torch.stack([h, c], dim=2).reshape(b, 2 * t, d)
                     pos = (pos.repeat_interleave(2, dim=1) if self.concept_position == "same"
                            else torch.arange(2 * t, device=h.device)[None])
                     rope = inner.rotary_emb(h, pos)
             h = layer(h, position_ids=pos, position_embeddings=rope)
         h = inner.norm(h)
-        if self.mix == "interleave":
+        if self.mix in ("interleave", "pause"):
             h = h[:, 1::2]
         return self.lm_head(h), concept_logits
 
@@ -155,3 +167,19 @@ def cocomix_loss(logits: Tensor, concept_logits: Tensor, input_ids: Tensor, conc
         concept = torch.stack([F.cross_entropy(flat[valid], labels[valid, j])
                                for j in range(labels.shape[-1])]).mean()
     return {"loss": ntp + lam * concept, "ntp": ntp.detach(), "concept": concept.detach()}
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, input_ids: Tensor, alpha: float = 0.5,
+            temperature: float = 1.0) -> Dict[str, Tensor]:
+    """The knowledge-distillation baseline: (1 - alpha) * L_NTP + alpha * T^2 * KL(p_teacher^T || p_student^T),
+    KL per next-token position averaged over the batch (Hinton et al., 2015); teacher and student share the
+    tokenizer. The paper compares with KD but states neither alpha nor T: both are config (0.5, 1.0)."""
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise LlmxError(f"kd: student vocabulary {student_logits.shape[-1]} differs from the teacher's "
+                        f"{teacher_logits.shape[-1]}: the student must use the teacher's tokenizer")
+    s = student_logits[:, :-1].flatten(0, 1).float()
+    ntp = F.cross_entropy(s, input_ids[:, 1:].flatten())
+    t = teacher_logits[:, :-1].flatten(0, 1).float().detach()
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="batchmean") * temperature ** 2
+    return {"loss": (1 - alpha) * ntp + alpha * kl, "ntp": ntp.detach(), "kd": kl.detach()}
