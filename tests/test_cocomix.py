@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmx.concept.attribution import concept_labels
+from llmx.concept.attribution import LabelCache, build_label_cache, concept_labels, labels_fingerprint
 from llmx.concept.cocomix import CoCoMixLM, ConceptHead, cocomix_loss, kd_loss
 from llmx.concept.sae import SAEConfig, TopKSAE
 from llmx.utils import LlmxError
@@ -212,3 +212,36 @@ def test_student_refusals():
         CoCoMixLM(_llama(), n_concepts=16, insert_layer=1, mix="concat")
     with pytest.raises(LlmxError, match="k=33"):
         ConceptHead(D, 16, k=33)
+
+
+class _Tok:
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(VOCAB)}
+
+
+def test_label_cache_matches_online_labels_resumes_and_refuses_other_inputs(tmp_path):
+    teacher, sae = _llama(), _sae()
+    blocks = torch.randint(0, VOCAB, (7, 6))
+    fp = labels_fingerprint(teacher, sae, _Tok(), blocks, 4, "attribution")
+    done = []
+    root = build_label_cache(tmp_path / "labels", teacher, sae, blocks, fp, batch_size=2, shard_blocks=3,
+                             progress=lambda i, n: done.append(i))
+    assert done == [3, 6, 7]
+    cache = LabelCache(root, fp, 7, 6)
+    idx = torch.tensor([5, 0, 6])
+    torch.testing.assert_close(cache[idx], concept_labels(teacher, sae, blocks[idx]))
+    # A killed build: the missing shard alone is recomputed.
+    (root / "labels_00001.npy").unlink()
+    done.clear()
+    build_label_cache(root, teacher, sae, blocks, fp, batch_size=2, shard_blocks=3, progress=lambda i, n: done.append(i))
+    assert done == [6]
+    torch.testing.assert_close(LabelCache(root, fp, 7, 6)[torch.arange(7)], concept_labels(teacher, sae, blocks))
+    other_sae = labels_fingerprint(teacher, _sae(n=40), _Tok(), blocks, 4, "attribution")
+    with pytest.raises(LlmxError, match="match this run's sae"):
+        LabelCache(root, other_sae, 7, 6)
+    other_teacher = labels_fingerprint(_llama(seed=3), sae, _Tok(), blocks, 4, "attribution")
+    with pytest.raises(LlmxError, match="match this run's teacher"):
+        build_label_cache(root, _llama(seed=3), sae, blocks, other_teacher)
+    other_blocks = labels_fingerprint(teacher, sae, _Tok(), blocks.flip(0), 4, "attribution")
+    with pytest.raises(LlmxError, match="match this run's blocks"):
+        LabelCache(root, other_blocks, 7, 6)

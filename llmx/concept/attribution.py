@@ -24,7 +24,10 @@ Choices where the reference is silent or its behaviour is an artefact (each a pa
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,3 +105,135 @@ def concept_labels(teacher: nn.Module, sae: TopKSAE, input_ids: Tensor, top: int
         if attention_mask is not None:
             undefined |= attention_mask == 0
         return labels.masked_fill(undefined[..., None], IGNORE)
+
+
+# ---------------------------------------------------------------------------------------------- label cache
+# Labels can be computed once, ahead of training, for a fixed set of token blocks (the teacher's forward and
+# backward then cost nothing per step). The cache is a directory of shards, labels_00000.npy ... (int32
+# [blocks, T, top]: SAEs can exceed 32k latents), and meta.json with a fingerprint of everything the labels
+# depend on: the teacher's weights, the SAE, the tokenizer, top, selection and the token blocks themselves.
+# A consumer names what it uses; any difference is refused with the part that differs.
+CACHE_FORMAT = "llmx-concept-labels/1"
+
+
+def _digest(*parts) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """Names, shapes and the first values of every parameter (cheap; any retraining or other model changes it)."""
+    parts = []
+    for name, p in sorted(model.named_parameters()):
+        parts.append(f"{name}:{tuple(p.shape)}:{p.detach().reshape(-1)[:8].float().tolist()}")
+    return _digest(*parts)
+
+
+def sae_fingerprint(sae: TopKSAE) -> str:
+    import json
+
+    state = sae.state_dict()
+    return _digest(json.dumps(sae.cfg.__dict__, sort_keys=True),
+                   *(_tensor_bytes(state[k]) for k in sorted(state) if k != "tokens_since_fired"))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    return _digest(*(f"{tok}\t{i}" for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])))
+
+
+def blocks_fingerprint(blocks: Tensor) -> str:
+    return _digest(tuple(blocks.shape), _tensor_bytes(blocks.to(torch.int64)))
+
+
+def labels_fingerprint(teacher: nn.Module, sae: TopKSAE, tokenizer, blocks: Tensor, top: int,
+                       selection: str) -> Dict[str, str]:
+    return {"teacher": teacher_fingerprint(teacher), "sae": sae_fingerprint(sae),
+            "tokenizer": tokenizer_fingerprint(tokenizer), "blocks": blocks_fingerprint(blocks),
+            "top": str(top), "selection": selection}
+
+
+def _shard_path(root: Path, i: int) -> Path:
+    return root / f"labels_{i:05d}.npy"
+
+
+def build_label_cache(out_dir, teacher: nn.Module, sae: TopKSAE, blocks: Tensor, fingerprint: Dict[str, str],
+                      top: int = 4, selection: str = "attribution", batch_size: int = 8, shard_blocks: int = 256,
+                      progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Labels of every block of `blocks` [N, T] into out_dir. Resumable: finished shards are kept, so a killed
+    build continues where it stopped; a directory made for other inputs is refused."""
+    import numpy as np
+
+    from llmx.utils import atomic_write_json
+
+    root = Path(out_dir)
+    n, t = blocks.shape
+    meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "blocks": n, "seq_len": t, "top": top,
+            "shard_blocks": shard_blocks}
+    if (root / "meta.json").is_file():
+        _check_meta(root, fingerprint, n, t)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / "meta.json", {**meta, "complete": False})
+    device = next(teacher.parameters()).device
+    shards = range(math.ceil(n / shard_blocks))
+    for s in shards:
+        path = _shard_path(root, s)
+        if path.is_file():
+            continue
+        rows = blocks[s * shard_blocks:(s + 1) * shard_blocks]
+        out = [concept_labels(teacher, sae, rows[i:i + batch_size].to(device), top=top, selection=selection).cpu()
+               for i in range(0, len(rows), batch_size)]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, torch.cat(out).to(torch.int32).numpy())
+        os.replace(tmp, path)
+        if progress:
+            progress(min(n, (s + 1) * shard_blocks), n)
+    atomic_write_json(root / "meta.json", {**meta, "complete": True})
+    return root
+
+
+def _check_meta(root: Path, fingerprint: Dict[str, str], n: int, t: int) -> Dict[str, Any]:
+    from llmx.utils import read_format_json
+
+    meta = read_format_json(root / "meta.json", CACHE_FORMAT, f"{root} is not a concept-label cache (no meta.json)")
+    for key, want in fingerprint.items():
+        have = meta["fingerprint"].get(key)
+        if have != want:
+            raise LlmxError(f"concept labels in {root} do not match this run's {key} (cached {key} fingerprint {have}, "
+                            f"this run's {want}); delete the directory or point the run at a matching cache")
+    if (meta["blocks"], meta["seq_len"]) != (n, t):
+        raise LlmxError(f"concept labels in {root} cover {meta['blocks']} blocks of {meta['seq_len']} tokens; "
+                        f"this run has {n} of {t}")
+    return meta
+
+
+class LabelCache:
+    """Read side of a complete cache: cache[block_indices] -> int64 labels [len, T, top]."""
+
+    def __init__(self, root, fingerprint: Dict[str, str], n_blocks: int, seq_len: int):
+        import numpy as np
+
+        self.root = Path(root)
+        meta = _check_meta(self.root, fingerprint, n_blocks, seq_len)
+        if not meta.get("complete"):
+            raise LlmxError(f"concept labels in {self.root} are incomplete: build_label_cache resumes the build")
+        self.shard_blocks = meta["shard_blocks"]
+        self.shards = [np.load(_shard_path(self.root, s), mmap_mode="r")
+                       for s in range(math.ceil(n_blocks / self.shard_blocks))]
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        import numpy as np
+
+        rows = [self.shards[int(i) // self.shard_blocks][int(i) % self.shard_blocks] for i in index.reshape(-1)]
+        return torch.from_numpy(np.stack(rows)).to(torch.int64)
