@@ -233,7 +233,8 @@ def test_label_cache_matches_online_labels_resumes_and_refuses_other_inputs(tmp_
     # A killed build: the missing shard alone is recomputed.
     (root / "labels_00001.npy").unlink()
     done.clear()
-    build_label_cache(root, teacher, sae, blocks, fp, batch_size=2, shard_blocks=3, progress=lambda i, n: done.append(i))
+    build_label_cache(root, teacher, sae, blocks, fp, batch_size=2, shard_blocks=3,
+                      progress=lambda i, n: done.append(i))
     assert done == [6]
     torch.testing.assert_close(LabelCache(root, fp, 7, 6)[torch.arange(7)], concept_labels(teacher, sae, blocks))
     other_sae = labels_fingerprint(teacher, _sae(n=40), _Tok(), blocks, 4, "attribution")
