@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from llmx.concept.attribution import LabelCache, build_label_cache, concept_labels, labels_fingerprint
-from llmx.concept.cocomix import CoCoMixLM, ConceptHead, cocomix_loss, kd_loss
+from llmx.concept.cocomix import (CoCoMixLM, ConceptHead, cocomix_loss, concept_head_parameters, kd_loss,
+                                  matched_config)
 from llmx.concept.sae import SAEConfig, TopKSAE
 from llmx.utils import LlmxError
 
@@ -246,3 +247,21 @@ def test_label_cache_matches_online_labels_resumes_and_refuses_other_inputs(tmp_
     other_blocks = labels_fingerprint(teacher, sae, _Tok(), blocks.flip(0), 4, "attribution")
     with pytest.raises(LlmxError, match="match this run's blocks"):
         LabelCache(root, other_blocks, 7, 6)
+
+
+def test_baseline_width_matches_cocomix_parameter_count():
+    lm = _llama()
+    model = CoCoMixLM(lm, n_concepts=256, insert_layer=1)
+    target = sum(p.numel() for p in model.parameters())
+    assert target - sum(p.numel() for p in lm.parameters()) == concept_head_parameters(D, 256)
+    cfg, n = matched_config(lm.config, target)
+    from transformers import LlamaForCausalLM
+
+    assert sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) == n
+    assert cfg.hidden_size > D and cfg.hidden_size % 8 == 0 and cfg.num_hidden_layers == 3
+    # Closest on the grid: one step narrower or wider is no closer.
+    step = 2 * cfg.num_attention_heads
+    for h in (cfg.hidden_size - step, cfg.hidden_size + step):
+        other = lm.config.__class__(**{**cfg.to_dict(), "hidden_size": h,
+                                       "intermediate_size": int(round(h * 2 / 8)) * 8, "head_dim": h // 4})
+        assert abs(sum(p.numel() for p in LlamaForCausalLM(other).parameters()) - target) >= abs(n - target)

@@ -183,3 +183,45 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, input_ids: Tensor, a
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
                   reduction="batchmean") * temperature ** 2
     return {"loss": (1 - alpha) * ntp + alpha * kl, "ntp": ntp.detach(), "kd": kl.detach()}
+
+
+def concept_head_parameters(d_model: int, n_concepts: int) -> int:
+    """Parameters CoCoMix adds to its backbone: predictor (n x d + n), compressor (n x d + d), b_pre (d)."""
+    return 2 * n_concepts * d_model + n_concepts + 2 * d_model
+
+
+def matched_config(config, target: int, max_steps: int = 4096):
+    """A copy of the HF Llama-family `config` widened until its parameter count is closest to `target` (the
+    NTP/KD baselines at CoCoMix's size). hidden_size moves in steps of 2 x num_attention_heads (even head
+    dimension for RoPE) with intermediate_size scaled by the same factor (rounded to a multiple of 8); depth,
+    heads and vocabulary are kept. Counted exactly on the meta device. Returns (config, parameter count)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    def count(cfg) -> int:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        return sum(p.numel() for p in model.parameters())
+
+    def widened(hidden: int):
+        cfg = copy.deepcopy(config)
+        ratio = config.intermediate_size / config.hidden_size
+        cfg.hidden_size = hidden
+        cfg.intermediate_size = max(8, int(round(hidden * ratio / 8)) * 8)
+        if getattr(config, "head_dim", None) is not None:
+            cfg.head_dim = hidden // config.num_attention_heads
+        return cfg
+
+    step = 2 * config.num_attention_heads
+    best = (abs(count(config) - target), config, count(config))
+    hidden = config.hidden_size
+    for _ in range(max_steps):
+        hidden += step
+        cfg = widened(hidden)
+        n = count(cfg)
+        if abs(n - target) < best[0]:
+            best = (abs(n - target), cfg, n)
+        if n > target:
+            break
+    return best[1], best[2]
