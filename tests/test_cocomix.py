@@ -216,6 +216,8 @@ def test_student_refusals():
 
 
 class _Tok:
+    eos_token_id = 0
+
     def get_vocab(self):
         return {f"t{i}": i for i in range(VOCAB)}
 

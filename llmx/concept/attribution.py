@@ -146,17 +146,14 @@ def sae_fingerprint(sae: TopKSAE) -> str:
                    *(_tensor_bytes(state[k]) for k in sorted(state) if k != "tokens_since_fired"))
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = tokenizer.get_vocab()
-    return _digest(*(f"{tok}\t{i}" for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])))
-
-
 def blocks_fingerprint(blocks: Tensor) -> str:
     return _digest(tuple(blocks.shape), _tensor_bytes(blocks.to(torch.int64)))
 
 
 def labels_fingerprint(teacher: nn.Module, sae: TopKSAE, tokenizer, blocks: Tensor, top: int,
                        selection: str) -> Dict[str, str]:
+    from llmx.data.tokenizer import tokenizer_fingerprint
+
     return {"teacher": teacher_fingerprint(teacher), "sae": sae_fingerprint(sae),
             "tokenizer": tokenizer_fingerprint(tokenizer), "blocks": blocks_fingerprint(blocks),
             "top": str(top), "selection": selection}

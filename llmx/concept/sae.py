@@ -172,15 +172,14 @@ def init_from_data(sae: TopKSAE, sample: Tensor) -> None:
     sae.pre_bias.copy_(sae.normalise(sample.to(sae.pre_bias.dtype))[0].mean(0))
 
 
-@torch.no_grad()
-def _project_decoder_grad(sae: TopKSAE) -> None:
-    w, g = sae.decoder.weight, sae.decoder.weight.grad
-    if g is not None:
-        g.sub_(w * (w * g).sum(0, keepdim=True))
+def tangent_grad(w: Tensor, g: Tensor) -> Tensor:
+    """g without its component along each (unit) column of w: the gradient that keeps the column norms."""
+    w = w.detach()
+    return g - w * (w * g).sum(0, keepdim=True)
 
 
 @torch.no_grad()
-def _renormalise_decoder(sae: TopKSAE) -> None:
+def renormalise_decoder(sae: TopKSAE) -> None:
     w = sae.decoder.weight
     w.div_(w.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
@@ -191,11 +190,13 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, grad_clip: f
     out = sae.loss(x)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
-    _project_decoder_grad(sae)
+    w = sae.decoder.weight
+    if w.grad is not None:
+        w.grad.copy_(tangent_grad(w, w.grad))
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     opt.step()
-    _renormalise_decoder(sae)
+    renormalise_decoder(sae)
     return {k: float(v.detach()) for k, v in out.items()}
 
 

@@ -861,6 +861,25 @@ class LatentConfig:
 
 
 @dataclass
+class SAETrainConfig:
+    """A TopK sparse autoencoder on the model group's residual stream (llmx.concept.sae, recipe sae_*); the steps,
+    lr and blocks per step come from the trainer and optim groups."""
+
+    train: bool = False  # true: this run trains an SAE (pretrain kind, llmx/recipes/sae.py)
+    layer: int = 0  # residual after this decoder block (0-based, "resid_post")
+    n_latents: int = 4096
+    k: int = 32
+    normalize: bool = True
+    aux_k: int = 256
+    aux_coef: float = 0.03125
+    dead_tokens: int = 1_000_000
+    skip_first: int = 1  # leading positions of each block left out (the first token's residual is an outlier)
+    init_blocks: int = 8  # training blocks whose mean activation initialises b_pre
+    eval_blocks: int = 32  # held-out blocks for the final quality figures
+    name: Optional[str] = None  # published as cache_dir/sae/<name> (null: the recipe name)
+
+
+@dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
     name: str = MISSING
@@ -888,6 +907,7 @@ class LlmxConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    sae: SAETrainConfig = field(default_factory=SAETrainConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

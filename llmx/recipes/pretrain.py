@@ -33,6 +33,11 @@ from llmx.trainer.trainer import Trainer
 
 
 def main(cfg) -> dict:
+    if cfg.sae.train:
+        # A sparse autoencoder on a frozen model's residual stream (CoCoMix's concepts): llmx/recipes/sae.py.
+        from llmx.recipes.sae import main as sae_main
+
+        return sae_main(cfg)
     source = str(getattr(cfg.data.source, "value", cfg.data.source))
     if source == "graph_paths":
         # Shortest paths on graphs (Spectral Journey): its own data, evaluation and probes in one file.

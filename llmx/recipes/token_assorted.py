@@ -54,6 +54,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from llmx.data.instruct import PairLoader, pack_token_pairs, pair_eval_batches, render
+from llmx.data.tokenizer import tokenizer_fingerprint
 from llmx.latent import hybrid as hy
 from llmx.models import build_model, count_parameters, load_pretrained
 from llmx.trainer.distributed import barrier, destroy_distributed, init_distributed
@@ -340,11 +341,6 @@ def training_rows(cfg, train: List[hy.Example], codes, ids, tok) -> Tuple[List[t
 
 
 # ------------------------------------------------------------------------------------------ VQ-VAE
-
-
-def tokenizer_fingerprint(tok) -> str:
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def get_vqvae(cfg, tok, train, val, verbose: bool):

@@ -114,9 +114,9 @@ def parallelize(
     3. FSDP2 `fully_shard` on each block, then on the root. The root wrap also shards the
        embeddings, final norm and lm_head, which form one communication group; tied embeddings
        stay one parameter because they live in the same (root) group.
-    Single process: steps 1-2 only.
+    Single process: steps 1-2 only. A model without decoder blocks (an SAE) is only root-wrapped.
     """
-    layers = decoder_layers(model)
+    layers = decoder_layers(model) if hasattr(getattr(model, "model", model), "layers") else []
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
