@@ -232,14 +232,16 @@ def test_label_cache_matches_online_labels_resumes_and_refuses_other_inputs(tmp_
     assert done == [3, 6, 7]
     cache = LabelCache(root, fp, 7, 6)
     idx = torch.tensor([5, 0, 6])
-    torch.testing.assert_close(cache[idx], concept_labels(teacher, sae, blocks[idx]))
+    torch.testing.assert_close(cache.lookup(blocks[idx]), concept_labels(teacher, sae, blocks[idx]))
+    with pytest.raises(LlmxError, match="not in the concept-label cache"):
+        cache.lookup(torch.randint(0, VOCAB, (1, 6)))
     # A killed build: the missing shard alone is recomputed.
     (root / "labels_00001.npy").unlink()
     done.clear()
     build_label_cache(root, teacher, sae, blocks, fp, batch_size=2, shard_blocks=3,
                       progress=lambda i, n: done.append(i))
     assert done == [6]
-    torch.testing.assert_close(LabelCache(root, fp, 7, 6)[torch.arange(7)], concept_labels(teacher, sae, blocks))
+    torch.testing.assert_close(LabelCache(root, fp, 7, 6).lookup(blocks), concept_labels(teacher, sae, blocks))
     other_sae = labels_fingerprint(teacher, _sae(n=40), _Tok(), blocks, 4, "attribution")
     with pytest.raises(LlmxError, match="match this run's sae"):
         LabelCache(root, other_sae, 7, 6)

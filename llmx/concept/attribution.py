@@ -110,9 +110,10 @@ def concept_labels(teacher: nn.Module, sae: TopKSAE, input_ids: Tensor, top: int
 # ---------------------------------------------------------------------------------------------- label cache
 # Labels can be computed once, ahead of training, for a fixed set of token blocks (the teacher's forward and
 # backward then cost nothing per step). The cache is a directory of shards, labels_00000.npy ... (int32
-# [blocks, T, top]: SAEs can exceed 32k latents), and meta.json with a fingerprint of everything the labels
-# depend on: the teacher's weights, the SAE, the tokenizer, top, selection and the token blocks themselves.
-# A consumer names what it uses; any difference is refused with the part that differs.
+# [blocks, T, top]: SAEs can exceed 32k latents) with keys_00000.npy ... (a content key per block, so a batch is
+# looked up by its tokens), and meta.json with a fingerprint of everything the labels depend on: the teacher's
+# weights, the SAE, the tokenizer, top, selection and the token blocks themselves. A consumer names what it uses;
+# any difference is refused with the part that differs.
 CACHE_FORMAT = "llmx-concept-labels/1"
 
 
@@ -159,8 +160,26 @@ def labels_fingerprint(teacher: nn.Module, sae: TopKSAE, tokenizer, blocks: Tens
             "top": str(top), "selection": selection}
 
 
-def _shard_path(root: Path, i: int) -> Path:
-    return root / f"labels_{i:05d}.npy"
+def _shard_path(root: Path, i: int, kind: str = "labels") -> Path:
+    return root / f"{kind}_{i:05d}.npy"
+
+
+def block_key(row: Tensor) -> int:
+    """A 63-bit content key of one token block: labels are a function of the block's tokens alone, so the cache
+    is addressed by content and the training loop needs no block indices."""
+    import hashlib
+
+    digest = hashlib.blake2b(row.to(torch.int64).cpu().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def build_label_cache(out_dir, teacher: nn.Module, sae: TopKSAE, blocks: Tensor, fingerprint: Dict[str, str],
@@ -190,10 +209,9 @@ def build_label_cache(out_dir, teacher: nn.Module, sae: TopKSAE, blocks: Tensor,
         rows = blocks[s * shard_blocks:(s + 1) * shard_blocks]
         out = [concept_labels(teacher, sae, rows[i:i + batch_size].to(device), top=top, selection=selection).cpu()
                for i in range(0, len(rows), batch_size)]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, torch.cat(out).to(torch.int32).numpy())
-        os.replace(tmp, path)
+        # Keys first: a shard counts as done once its labels file exists.
+        _save_npy(_shard_path(root, s, "keys"), np.array([block_key(r) for r in rows], dtype=np.int64))
+        _save_npy(path, torch.cat(out).to(torch.int32).numpy())
         if progress:
             progress(min(n, (s + 1) * shard_blocks), n)
     atomic_write_json(root / "meta.json", {**meta, "complete": True})
@@ -216,7 +234,7 @@ def _check_meta(root: Path, fingerprint: Dict[str, str], n: int, t: int) -> Dict
 
 
 class LabelCache:
-    """Read side of a complete cache: cache[block_indices] -> int64 labels [len, T, top]."""
+    """Read side of a complete cache: cache.lookup(blocks [B, T]) -> int64 labels [B, T, top]."""
 
     def __init__(self, root, fingerprint: Dict[str, str], n_blocks: int, seq_len: int):
         import numpy as np
@@ -225,12 +243,21 @@ class LabelCache:
         meta = _check_meta(self.root, fingerprint, n_blocks, seq_len)
         if not meta.get("complete"):
             raise LlmxError(f"concept labels in {self.root} are incomplete: build_label_cache resumes the build")
-        self.shard_blocks = meta["shard_blocks"]
-        self.shards = [np.load(_shard_path(self.root, s), mmap_mode="r")
-                       for s in range(math.ceil(n_blocks / self.shard_blocks))]
+        n_shards = math.ceil(n_blocks / meta["shard_blocks"])
+        self.shards = [np.load(_shard_path(self.root, s), mmap_mode="r") for s in range(n_shards)]
+        self.where = {}
+        for s in range(n_shards):
+            for row, key in enumerate(np.load(_shard_path(self.root, s, "keys")).tolist()):
+                self.where[key] = (s, row)
 
-    def __getitem__(self, index: Tensor) -> Tensor:
+    def lookup(self, blocks: Tensor) -> Tensor:
         import numpy as np
 
-        rows = [self.shards[int(i) // self.shard_blocks][int(i) % self.shard_blocks] for i in index.reshape(-1)]
-        return torch.from_numpy(np.stack(rows)).to(torch.int64)
+        rows = []
+        for r in blocks:
+            hit = self.where.get(block_key(r))
+            if hit is None:
+                raise LlmxError(f"a token block is not in the concept-label cache {self.root}: it was built for other "
+                                "data (the fingerprint covers the blocks; was the cache edited?)")
+            rows.append(self.shards[hit[0]][hit[1]])
+        return torch.from_numpy(np.stack(rows)).to(torch.int64).to(blocks.device)
