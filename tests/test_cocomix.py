@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from llmx.concept.attribution import LabelCache, build_label_cache, concept_labels, labels_fingerprint
-from llmx.concept.cocomix import (CoCoMixLM, ConceptHead, cocomix_loss, concept_head_parameters, kd_loss,
-                                  matched_config)
+from llmx.concept.cocomix import (CoCoMixLM, ConceptHead, cocomix_loss, concept_head_parameters, greedy_generate,
+                                  kd_loss, matched_config, steered)
 from llmx.concept.sae import SAEConfig, TopKSAE
 from llmx.utils import LlmxError
 
@@ -254,18 +254,38 @@ def test_label_cache_matches_online_labels_resumes_and_refuses_other_inputs(tmp_
 
 
 def test_baseline_width_matches_cocomix_parameter_count():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     lm = _llama()
     model = CoCoMixLM(lm, n_concepts=256, insert_layer=1)
     target = sum(p.numel() for p in model.parameters())
     assert target - sum(p.numel() for p in lm.parameters()) == concept_head_parameters(D, 256)
     cfg, n = matched_config(lm.config, target)
-    from transformers import LlamaForCausalLM
-
     assert sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) == n
     assert cfg.hidden_size > D and cfg.hidden_size % 8 == 0 and cfg.num_hidden_layers == 3
-    # Closest on the grid: one step narrower or wider is no closer.
-    step = 2 * cfg.num_attention_heads
-    for h in (cfg.hidden_size - step, cfg.hidden_size + step):
-        other = lm.config.__class__(**{**cfg.to_dict(), "hidden_size": h,
-                                       "intermediate_size": int(round(h * 2 / 8)) * 8, "head_dim": h // 4})
-        assert abs(sum(p.numel() for p in LlamaForCausalLM(other).parameters()) - target) >= abs(n - target)
+    # One more unit of MLP width changes the count by 3 x hidden x layers: the match is within half of that.
+    assert abs(n - target) <= 3 * cfg.hidden_size * 3 / 2
+    # A large vocabulary: one hidden step adds more than the concept head; the MLP takes up the difference.
+    big = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    base = sum(p.numel() for p in LlamaForCausalLM(big).parameters())
+    target = base + concept_head_parameters(128, 1024)
+    cfg, n = matched_config(big, target)
+    assert cfg.hidden_size == 128 and cfg.intermediate_size > 512 and abs(n - target) <= 3 * 128 * 4 / 2
+
+
+def test_steering_raises_one_concept_and_changes_the_continuation():
+    model = CoCoMixLM(_llama(), n_concepts=48, insert_layer=1).eval()
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        base_logits, base_concepts = model(ids)
+        model.concept.steer = (7, 100.0)
+        logits, concepts = model(ids)
+        model.concept.steer = None
+    torch.testing.assert_close(concepts[..., 7], base_concepts[..., 7] + 100.0)
+    torch.testing.assert_close(concepts[..., :7], base_concepts[..., :7])
+    assert not torch.allclose(logits, base_logits)  # concept 7 now enters every compression
+    plain = greedy_generate(model, ids, 6)
+    assert plain.shape == (1, 6) and torch.equal(plain, greedy_generate(model, ids, 6))
+    assert model.concept.steer is None and steered(model, ids, 7, 100.0, 6).shape == (1, 6)
+    assert model.concept.steer is None

@@ -76,10 +76,15 @@ class ConceptHead(nn.Module):
         bound = n_concepts ** -0.5
         self.compress_weight = nn.Parameter(torch.empty(n_concepts, d_model).uniform_(-bound, bound))
         self.compress_bias = nn.Parameter(torch.empty(d_model).uniform_(-bound, bound))
+        self.steer: Optional[Tuple[int, float]] = None  # (concept, added logit): steering, section 4.4 of the paper
 
     def forward(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         x, mu, scale = layer_norm_stats(h, self.eps)
         logits = self.predictor(x - self.pre_bias)
+        if self.steer is not None:
+            concept, amount = self.steer
+            logits = logits + amount * F.one_hot(torch.tensor(concept, device=logits.device),
+                                                 logits.shape[-1]).to(logits.dtype)
         vals, idx = logits.topk(self.k, dim=-1)
         flat = F.embedding_bag(idx.reshape(-1, self.k), self.compress_weight,
                                per_sample_weights=vals.reshape(-1, self.k), mode="sum")
@@ -190,11 +195,13 @@ def concept_head_parameters(d_model: int, n_concepts: int) -> int:
     return 2 * n_concepts * d_model + n_concepts + 2 * d_model
 
 
-def matched_config(config, target: int, max_steps: int = 4096):
-    """A copy of the HF Llama-family `config` widened until its parameter count is closest to `target` (the
-    NTP/KD baselines at CoCoMix's size). hidden_size moves in steps of 2 x num_attention_heads (even head
-    dimension for RoPE) with intermediate_size scaled by the same factor (rounded to a multiple of 8); depth,
-    heads and vocabulary are kept. Counted exactly on the meta device. Returns (config, parameter count)."""
+def matched_config(config, target: int, multiple: int = 1, max_steps: int = 4096):
+    """A copy of the HF Llama-family `config` widened to the parameter count closest to `target` (the NTP/KD
+    baselines at CoCoMix's size), counted exactly on the meta device. hidden_size grows in steps of
+    2 x num_attention_heads (an even head dimension for RoPE) while the count stays <= target, with
+    intermediate_size scaled alike; then intermediate_size alone (in steps of `multiple`) takes the count to the
+    closest value, since one hidden step can exceed the whole concept head at small scale. Depth, heads and
+    vocabulary are kept. Returns (config, parameter count)."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -204,24 +211,50 @@ def matched_config(config, target: int, max_steps: int = 4096):
             model = AutoModelForCausalLM.from_config(cfg)
         return sum(p.numel() for p in model.parameters())
 
-    def widened(hidden: int):
+    def shaped(hidden: int, inter: int):
         cfg = copy.deepcopy(config)
-        ratio = config.intermediate_size / config.hidden_size
-        cfg.hidden_size = hidden
-        cfg.intermediate_size = max(8, int(round(hidden * ratio / 8)) * 8)
+        cfg.hidden_size, cfg.intermediate_size = hidden, inter
         if getattr(config, "head_dim", None) is not None:
             cfg.head_dim = hidden // config.num_attention_heads
         return cfg
 
+    ratio = config.intermediate_size / config.hidden_size
     step = 2 * config.num_attention_heads
-    best = (abs(count(config) - target), config, count(config))
     hidden = config.hidden_size
     for _ in range(max_steps):
-        hidden += step
-        cfg = widened(hidden)
-        n = count(cfg)
-        if abs(n - target) < best[0]:
-            best = (abs(n - target), cfg, n)
-        if n > target:
+        wider = hidden + step
+        if count(shaped(wider, max(multiple, round(wider * ratio / multiple) * multiple))) > target:
             break
-    return best[1], best[2]
+        hidden = wider
+    inter = config.intermediate_size if hidden == config.hidden_size else \
+        max(multiple, round(hidden * ratio / multiple) * multiple)
+    base = count(shaped(hidden, inter))
+    per_unit = count(shaped(hidden, inter + multiple)) - base
+    inter = max(multiple, inter + round((target - base) / per_unit) * multiple)
+    best = min((shaped(hidden, i) for i in (inter - multiple, inter, inter + multiple) if i >= multiple),
+               key=lambda cfg: abs(count(cfg) - target))
+    return best, count(best)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, input_ids: Tensor, new_tokens: int) -> Tensor:
+    """Greedy continuation of input_ids [1, T] by a CoCoMixLM (or any module returning (logits, ...)); the whole
+    prefix is recomputed per token (no KV cache: the interleaved sequence changes length at the insert layer)."""
+    ids = input_ids
+    for _ in range(new_tokens):
+        out = model(ids)
+        logits = out[0] if isinstance(out, tuple) else out.logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids[:, input_ids.shape[1]:]
+
+
+@torch.no_grad()
+def steered(model: "CoCoMixLM", input_ids: Tensor, concept: int, amount: float, new_tokens: int) -> Tensor:
+    """Greedy continuation with concept `concept`'s predicted logit raised by `amount` at every position."""
+    if model.concept is None:
+        raise LlmxError("cocomix: steering needs a concept head (method pause has none)")
+    model.concept.steer = (concept, amount)
+    try:
+        return greedy_generate(model, input_ids, new_tokens)
+    finally:
+        model.concept.steer = None

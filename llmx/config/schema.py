@@ -880,6 +880,29 @@ class SAETrainConfig:
 
 
 @dataclass
+class CoCoMixConfig:
+    """CoCoMix and its baselines (llmx.concept.cocomix, recipe cocomix_*): what trains, the concepts, the teacher."""
+
+    # null: not a CoCoMix run. cocomix | ntp | kd | pause (baselines) | prediction_only | add (the paper's ablations);
+    # activation-value selection is cocomix with selection=activation.
+    method: Optional[str] = None
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2_135m"))
+    sae: str = "sae_smollm2"  # an SAE directory, or the name of one published in cache_dir/sae by an sae recipe
+    insert_layer: int = 1  # the student block before which concepts are predicted and mixed in
+    lam: float = 0.1  # lambda: weight of the concept loss
+    top: int = 4  # concept labels per token (attribution top-4)
+    k: int = 32  # predicted concept logits kept for the compression
+    selection: str = "attribution"  # attribution | activation
+    labels: str = "online"  # online: teacher forward+backward each step | cached: computed once, before training
+    label_batch_size: int = 8  # blocks per teacher pass when building the cache
+    concept_position: str = "same"  # RoPE position of c_t: same as h_t | sequential
+    kd_alpha: float = 0.5  # kd: (1 - alpha) NTP + alpha T^2 KL
+    kd_temperature: float = 1.0
+    match_parameters: bool = True  # ntp / kd: widen the student to CoCoMix's parameter count
+    steer_tokens: int = 24  # after training: tokens generated for the steering demonstration (0: none)
+
+
+@dataclass
 class LlmxConfig:
     # Which recipe runs, and how `llmx list` describes it. Set by conf/recipe/<name>.yaml.
     name: str = MISSING
@@ -908,6 +931,7 @@ class LlmxConfig:
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     sae: SAETrainConfig = field(default_factory=SAETrainConfig)
+    cocomix: CoCoMixConfig = field(default_factory=CoCoMixConfig)
 
 
 # optim.name -> the schema of that optimizer's config (a saved config is re-typed with it on load).

@@ -33,6 +33,11 @@ from llmx.trainer.trainer import Trainer
 
 
 def main(cfg) -> dict:
+    if cfg.cocomix.method:
+        # CoCoMix and its baselines: teacher, SAE, concept labels and the student in one file.
+        from llmx.recipes.cocomix import main as cocomix_main
+
+        return cocomix_main(cfg)
     if cfg.sae.train:
         # A sparse autoencoder on a frozen model's residual stream (CoCoMix's concepts): llmx/recipes/sae.py.
         from llmx.recipes.sae import main as sae_main

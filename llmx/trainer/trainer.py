@@ -158,6 +158,7 @@ class Trainer:
         tokenizer=None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] = causal_lm_loss,
         eval_batches_fn: Optional[Callable[..., Any]] = None,
+        step_metrics: Optional[Callable[[], Dict[str, float]]] = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -168,6 +169,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.loss_fn = loss_fn
         self.eval_batches_fn = eval_batches_fn
+        # Extra figures for each logged row (e.g. a loss's parts), gathered by the loss function since the last row.
+        self.step_metrics = step_metrics
         self.hf_config = getattr(model, "config", None)
         self.step = 0
         self.tokens_seen = 0
@@ -363,6 +366,8 @@ class Trainer:
                        "step_time_s": window_time / max(1, t.log_every), "peak_mem_mb": peak_memory_mb(device)}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
+                if self.step_metrics is not None:
+                    row.update(self.step_metrics())
                 metrics.log(self.step, row)
                 window_tokens, window_time = 0, 0.0
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
