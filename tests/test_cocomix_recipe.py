@@ -34,7 +34,8 @@ def setting(tmp_path_factory):
 
 
 def args(setting, *extra):
-    return ["run", "recipe=cocomix_tiny", "data=files", f"data.paths=[{setting / 'text'}]", "data.tokenizer.source=model",
+    return ["run", "recipe=cocomix_tiny", "data=files", f"data.paths=[{setting / 'text'}]",
+            "data.tokenizer.source=model",
             "data.seq_len=32", "data.val_fraction=0.15", f"cocomix.sae={setting / 'sae'}", "cocomix.k=8",
             "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.batch_size=4",
             "trainer.micro_batch_size=2", "trainer.eval_batches=2", "cocomix.steer_tokens=4", "logger.progress=false",

@@ -87,7 +87,8 @@ def sae_path(cfg) -> Path:
     cached = cache_dir(cfg.data.cache_dir) / "sae" / cfg.cocomix.sae
     if (cached / "config.json").is_file():
         return cached
-    raise LlmxError(f"cocomix.sae={cfg.cocomix.sae!r} is neither an SAE directory nor an SAE published in {cached.parent}; "
+    raise LlmxError(f"cocomix.sae={cfg.cocomix.sae!r} is neither an SAE directory nor an SAE published in "
+                    f"{cached.parent}; "
                     f"train it first (llmx run recipe=sae_smollm2 sae.name={cfg.cocomix.sae})")
 
 
