@@ -85,10 +85,12 @@ def test_cached_labels_resume_exactly(setting, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_fsdp_two_processes_match_one(setting, tmp_path):
+def test_fsdp_two_processes_with_activation_checkpointing_match_one(setting, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_llmx([*args(setting, f"hydra.run.dir={one}")], cwd=tmp_path, check=True, timeout=900)
-    proc = run_llmx([*args(setting, "launcher=torchrun", "launcher.nproc_per_node=2", f"hydra.run.dir={two}")],
+    # Two processes with activation checkpointing against one without: neither may change the numbers.
+    proc = run_llmx([*args(setting, "launcher=torchrun", "launcher.nproc_per_node=2",
+                           "trainer.activation_checkpointing=true", f"hydra.run.dir={two}")],
                     cwd=tmp_path, check=True, timeout=900)
     assert "world size 2" in proc.stdout
 

@@ -169,3 +169,31 @@ def test_block_output_is_the_residual_after_the_block():
     assert not later, "the forward pass should stop after the requested block"
     with pytest.raises(LlmxError, match="layer 3 outside the model's 3 blocks"):
         block_output(model, 3, ids)
+
+
+def test_block_output_reads_gpt2_blocks_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=3, n_head=4, n_positions=16)).eval()
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(block_output(model, 0, ids), ref[1])
+
+
+def test_convert_script_publishes_an_openai_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sae = _sae(n=32, k=5)
+    sd = {k: v.clone() for k, v in sae.state_dict().items() if k != "tokens_since_fired"}
+    sd.update({"activation": "TopK", "activation_state_dict": {"k": 5, "postact_fn": "ReLU"}})
+    torch.save(sd, tmp_path / "5.pt")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_openai_sae.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "5.pt"), "--teacher", "gpt2", "--layer", "5",
+                    "--name", "x", "--out", str(tmp_path / "out")], check=True, capture_output=True)
+    back = load_sae(tmp_path / "out", expect={"teacher": "gpt2", "layer": 5, "k": 5})
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(back(x), sae(x))

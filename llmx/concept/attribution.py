@@ -42,9 +42,9 @@ IGNORE = -100
 
 def _residual_and_grad(teacher: nn.Module, layer: int, input_ids: Tensor, attention_mask: Optional[Tensor]):
     """The teacher's residual after block `layer` and dL_NTP/dh (teacher weights need no gradient)."""
-    from llmx.trainer.distributed import decoder_layers
+    from llmx.concept.sae import teacher_blocks
 
-    blocks = decoder_layers(teacher)
+    blocks = teacher_blocks(teacher)
     if not 0 <= layer < len(blocks):
         raise LlmxError(f"concept labels: SAE layer {layer} outside the teacher's {len(blocks)} blocks")
     box = []

@@ -289,13 +289,22 @@ def from_openai_state_dict(sd: Dict[str, Any], teacher: str, layer: int, hook: s
     return sae.eval()
 
 
+def teacher_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM: model.layers (Llama, Mistral, Qwen, Gemma), transformer.h
+    (GPT-2, CoCoMix's teacher) or gpt_neox.layers (Pythia)."""
+    for outer, inner in (("model", "layers"), ("transformer", "h"), ("gpt_neox", "layers")):
+        blocks = getattr(getattr(model, outer, None), inner, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise LlmxError(f"{type(model).__name__}: cannot find its decoder blocks (model.layers, transformer.h or "
+                    "gpt_neox.layers)")
+
+
 def block_output(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                  stop: bool = True) -> Tensor:
     """The residual stream after decoder block `layer` (0-based; "resid_post") of a Hugging Face causal LM,
     [B, T, d]. With `stop`, the forward pass ends at that block (the later blocks are not run)."""
-    from llmx.trainer.distributed import decoder_layers
-
-    blocks = decoder_layers(model)
+    blocks = teacher_blocks(model)
     if not 0 <= layer < len(blocks):
         raise LlmxError(f"sae: layer {layer} outside the model's {len(blocks)} blocks (valid: 0..{len(blocks) - 1})")
     box = []

@@ -32,10 +32,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from llmx.concept.sae import (SAEConfig, TopKSAE, block_output, evaluate_sae, init_from_data, renormalise_decoder,
-                              save_sae, tangent_grad)
+                              save_sae, tangent_grad, teacher_blocks)
 from llmx.data import StepLoader, build_datasets, build_tokenizer
 from llmx.models import build_model, load_pretrained
-from llmx.trainer.distributed import decoder_layers, destroy_distributed, init_distributed
+from llmx.trainer.distributed import destroy_distributed, init_distributed
 from llmx.trainer.trainer import Trainer, count_targets
 from llmx.utils import LlmxError, add_to_final, atomic_write_json, cache_dir
 
@@ -75,7 +75,7 @@ def main(cfg) -> Dict[str, Any]:
         raise LlmxError("the SAE recipe runs in one process (the SAE is small next to the model it reads); "
                         "use launcher=local and more blocks per step (trainer.batch_size)")
     meta = build_model(cfg.model, vocab_size=cfg.model.vocab_size or 8, device="meta")
-    check_config(cfg, len(decoder_layers(meta)), meta.config.hidden_size)
+    check_config(cfg, len(teacher_blocks(meta)), meta.config.hidden_size)
     info = init_distributed(cfg.trainer.device)
     hooks = []
     try:
