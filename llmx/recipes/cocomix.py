@@ -39,7 +39,7 @@ from llmx.concept.cocomix import (MIXES, POSITIONS, CoCoMixLM, cocomix_loss, con
                                   matched_config, steered, greedy_generate)
 from llmx.concept.sae import load_sae
 from llmx.data import StepLoader, build_datasets, build_tokenizer
-from llmx.models import build_model, count_parameters, load_pretrained
+from llmx.models import build_model, count_parameters, load_pretrained, pretrained_dir
 from llmx.trainer.distributed import barrier, destroy_distributed, init_distributed
 from llmx.trainer.trainer import Trainer, causal_lm_loss, count_targets
 from llmx.utils import LlmxError, add_to_final, atomic_write_json, cache_dir, enum_value
@@ -147,7 +147,12 @@ def main(cfg) -> Dict[str, Any]:
         random.seed(cfg.seed)
         # 2. Teacher, tokenizer, SAE, text. Rank 0 first: the GGUF conversion and tokenized data are cached.
         def load():
-            teacher, tok = load_pretrained(c.teacher)
+            if c.method in ("ntp", "pause"):  # the teacher's tokenizer only: no teacher weights in memory
+                from transformers import AutoTokenizer
+
+                teacher, tok = None, AutoTokenizer.from_pretrained(pretrained_dir(c.teacher))
+            else:
+                teacher, tok = load_pretrained(c.teacher)
             tok = build_tokenizer(cfg.data, model_tokenizer=tok)
             return teacher, tok, *build_datasets(cfg.data, tok)
 
@@ -156,7 +161,8 @@ def main(cfg) -> Dict[str, Any]:
         barrier()
         if not info.is_main:
             teacher, tok, train, val = load()
-        teacher = teacher.to(info.device).eval().requires_grad_(False)
+        if teacher is not None:
+            teacher = teacher.to(info.device).eval().requires_grad_(False)
         sae = load_sae(sae_path(cfg)).to(info.device) if concepts else None
         # 3. The student, identical on every rank before FSDP shards it.
         torch.manual_seed(cfg.seed)
