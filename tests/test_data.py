@@ -346,6 +346,18 @@ def test_step_loader_resume_is_exact():
         StepLoader(toy(41), batch_size=12, micro_batch_size=3).load_state_dict(state)
 
 
+def test_planned_indices_are_what_the_steps_read_and_leave_the_loader_alone():
+    data = toy(40)
+    loader = StepLoader(data, batch_size=12, micro_batch_size=3, seed=7, rank=1, world_size=2)
+    loader.next_step()
+    plan = loader.planned_indices(5)  # crosses an epoch boundary; every rank's share
+    assert loader.state_dict()["position"] == 12
+    single = StepLoader(data, batch_size=12, micro_batch_size=6, seed=7)
+    single.next_step()
+    assert plan == [i for _ in range(5) for i in ids(single.next_step())]
+    assert loader.state_dict()["position"] == 12
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharding_matches_single_process(accum):
     data = toy(50)

@@ -129,6 +129,17 @@ class StepLoader:
         m = self.micro_batch_size
         return [torch.stack(blocks[j * m:(j + 1) * m]).long() for j in range(self.accum_steps)]
 
+    def planned_indices(self, steps: int) -> List[int]:
+        """The dataset indices (all ranks) of the next `steps` optimizer steps, in order, without moving the
+        loader: what a cache of per-block work must cover for a run of that length (map-style data only)."""
+        if self.streaming:
+            raise LlmxError("planned_indices needs map-style data (a streamed dataset has no indices)")
+        saved = (self.epoch, self.position)
+        try:
+            return [i for _ in range(steps) for i in self._global_indices()]
+        finally:
+            self.epoch, self.position = saved
+
     def state_dict(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {
             "epoch": self.epoch,

@@ -175,17 +175,22 @@ def main(cfg) -> Dict[str, Any]:
                   + f"; {len(train)} training blocks of {cfg.data.seq_len} tokens, world size {info.world_size}",
                   flush=True)
         # 4. Labels cached ahead of training (rank 0 builds, resumably; every rank reads).
+        loader = StepLoader(train, batch_size=cfg.trainer.batch_size, micro_batch_size=cfg.trainer.micro_batch_size,
+                            rank=info.rank, world_size=info.world_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         cache = None
         if concepts and c.labels == "cached":
-            blocks = torch.stack([train[i] for i in range(len(train))]).long()
+            # Exactly the blocks this run's max_steps will read (every rank's share), each once.
+            visit = sorted(set(loader.planned_indices(cfg.trainer.max_steps)))
+            blocks = torch.stack([train[i] for i in visit]).long()
             fp = labels_fingerprint(teacher, sae, tok, blocks, c.top, c.selection)
-            where = cache_dir(cfg.data.cache_dir) / "concept_labels" / f"{fp['teacher']}-{fp['sae']}-{fp['blocks']}"
+            where = (cache_dir(cfg.data.cache_dir) / "concept_labels"
+                     / f"{fp['teacher']}-{fp['sae']}-{fp['blocks']}-top{c.top}-{c.selection}")
             if info.is_main:
                 build_label_cache(where, teacher, sae, blocks, fp, top=c.top, selection=c.selection,
                                   batch_size=c.label_batch_size,
                                   progress=lambda i, n: print(f"llmx: concept labels: {i}/{n} blocks", flush=True))
             barrier()
-            cache = LabelCache(where, fp, len(train), cfg.data.seq_len)
+            cache = LabelCache(where, fp, len(blocks), cfg.data.seq_len)
 
         parts = Parts()
 
@@ -208,8 +213,6 @@ def main(cfg) -> Dict[str, Any]:
             parts.add(out)
             return out["loss"] * count_targets(batch)
 
-        loader = StepLoader(train, batch_size=cfg.trainer.batch_size, micro_batch_size=cfg.trainer.micro_batch_size,
-                            rank=info.rank, world_size=info.world_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         trainer = Trainer(cfg, run_dir, info, net, loader, val, tokenizer=tok, loss_fn=loss_fn,
                           step_metrics=parts.pop)
         final = trainer.fit()
