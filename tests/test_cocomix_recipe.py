@@ -37,6 +37,7 @@ def args(setting, *extra):
     return ["run", "recipe=cocomix_tiny", "data=files", f"data.paths=[{setting / 'text'}]",
             "data.tokenizer.source=model",
             "data.seq_len=32", "data.val_fraction=0.15", f"cocomix.sae={setting / 'sae'}", "cocomix.k=8",
+            "cocomix.labels=online",
             "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.batch_size=4",
             "trainer.micro_batch_size=2", "trainer.eval_batches=2", "cocomix.steer_tokens=4", "logger.progress=false",
             *extra]

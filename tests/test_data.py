@@ -161,6 +161,20 @@ def test_pydoc_split_is_stable_and_disjoint(make_cfg):
     assert list(sources.documents(make_cfg(val_fraction=1e-9), "validation").load())
 
 
+def test_train_cap_takes_evenly_spaced_blocks_of_the_same_cache(make_cfg):
+    cfg = make_cfg(seq_len=64)
+    tok = build_tokenizer(cfg)
+    full, _ = build_datasets(cfg, tok)
+    capped, _ = build_datasets(make_cfg(seq_len=64, train_max_sequences=10), tok)
+    assert len(capped) == 10 and capped.cache_path == full.cache_path
+    n = len(full)
+    for i in range(10):
+        assert torch.equal(capped[i], full[i * n // 10])
+    assert torch.equal(capped[9], full[9 * n // 10]) and 9 * n // 10 > n // 2  # spread, not a prefix
+    with pytest.raises(LlmxError, match="train_max_sequences=0 must be >= 1"):
+        build_datasets(make_cfg(seq_len=64, train_max_sequences=0), tok)
+
+
 def test_packing_reproduces_token_stream(make_cfg):
     cfg = make_cfg(seq_len=64, val_max_sequences=5)
     tok = build_tokenizer(cfg)

@@ -171,6 +171,8 @@ class DataConfig:
     graphs: GraphsConfig = field(default_factory=GraphsConfig)
     latent: LatentDataConfig = field(default_factory=LatentDataConfig)
     val_max_sequences: int = 256  # evaluation uses at most this many held-out sequences
+    # Training uses at most this many blocks, evenly spaced over the training split (null: every block).
+    train_max_sequences: Optional[int] = None
     shuffle: bool = True
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: Optional[str] = None  # null: $LLMX_CACHE or ~/.cache/llmx

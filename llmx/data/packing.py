@@ -46,15 +46,18 @@ class PackedDataset(torch.utils.data.Dataset):
 
     Wraps a (memory-mapped) `datasets.Dataset` with one fixed-size list column; `hf` is that dataset.
     `cache_path` is where it lives on disk (None when in memory) and `from_cache` says whether the
-    build found it there. `limit` caps the number of blocks visible (the validation cap).
+    build found it there. `limit` caps the number of blocks visible: the first `limit` (the validation cap), or with
+    `spread` `limit` blocks evenly spaced over the whole set (the training cap, so that a subset still covers every
+    part of a corpus stored document by document).
     """
 
     def __init__(self, hf, seq_len: int, limit: Optional[int] = None, cache_path: Optional[Path] = None,
-                 from_cache: bool = False, meta: Optional[Dict[str, Any]] = None):
+                 from_cache: bool = False, meta: Optional[Dict[str, Any]] = None, spread: bool = False):
         self.hf = hf
         self._rows = hf.with_format("numpy")
         self.seq_len = seq_len
         self._len = len(hf) if limit is None else min(len(hf), max(limit, 0))
+        self.spread = spread and self._len < len(hf)
         self.cache_path = cache_path
         self.from_cache = from_cache
         self.meta = meta or {}
@@ -68,6 +71,8 @@ class PackedDataset(torch.utils.data.Dataset):
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(f"block {i} out of range for {self._len} blocks")
+        if self.spread:
+            i = i * len(self.hf) // self._len
         return torch.from_numpy(np.asarray(self._rows[i][COLUMN], dtype=np.int64))
 
     def __repr__(self) -> str:
@@ -161,7 +166,7 @@ def _tokenize_and_pack(docs: List[str], tokenizer, seq_len: int, num_proc: int, 
     return _blocks_dataset(flat, seq_len), len(flat)
 
 
-def _build_split(cfg, split: str, tokenizer, tok_sha: str, limit: Optional[int]) -> PackedDataset:
+def _build_split(cfg, split: str, tokenizer, tok_sha: str, limit: Optional[int], spread: bool = False) -> PackedDataset:
     docs = documents(cfg, split)
     key = sha256_text(f"packed-v{FORMAT_VERSION}", docs.key, tok_sha, str(cfg.seq_len), split)[:24]
     root = cache_dir(cfg.cache_dir) / "datasets"
@@ -190,7 +195,7 @@ def _build_split(cfg, split: str, tokenizer, tok_sha: str, limit: Optional[int])
     from datasets import load_from_disk
 
     meta = json.loads((final / "llmx_meta.json").read_text())
-    return PackedDataset(load_from_disk(str(final)), cfg.seq_len, limit, final, from_cache, meta)
+    return PackedDataset(load_from_disk(str(final)), cfg.seq_len, limit, final, from_cache, meta, spread=spread)
 
 
 def build_datasets(data_cfg: Any, tokenizer):
@@ -202,14 +207,19 @@ def build_datasets(data_cfg: Any, tokenizer):
     cfg = as_data_config(data_cfg)
     if cfg.seq_len < 1:
         raise LlmxError(f"data.seq_len={cfg.seq_len} must be >= 1")
+    if cfg.train_max_sequences is not None and cfg.train_max_sequences < 1:
+        raise LlmxError(f"data.train_max_sequences={cfg.train_max_sequences} must be >= 1 (null: every block)")
     if DataSource(cfg.source) is DataSource.hub and cfg.streaming:
+        if cfg.train_max_sequences is not None:
+            raise LlmxError("data.train_max_sequences needs map-style data; a streamed hub dataset is read in order "
+                            "(cap the run with trainer.max_steps instead)")
         train = StreamingPackedDataset(documents(cfg, TRAIN).load, tokenizer, cfg.seq_len)
         val_stream = StreamingPackedDataset(documents(cfg, VALIDATION).load, tokenizer, cfg.seq_len)
         blocks = [b.numpy() for b in islice(val_stream, max(cfg.val_max_sequences, 0))]
         flat = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
         return train, PackedDataset(_blocks_dataset(flat, cfg.seq_len), cfg.seq_len)
     tok_sha = tokenizer_fingerprint(tokenizer)
-    train = _build_split(cfg, TRAIN, tokenizer, tok_sha, None)
+    train = _build_split(cfg, TRAIN, tokenizer, tok_sha, cfg.train_max_sequences, spread=True)
     val = _build_split(cfg, VALIDATION, tokenizer, tok_sha, cfg.val_max_sequences)
     release_splits()
     return train, val
