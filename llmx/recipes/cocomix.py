@@ -174,7 +174,8 @@ def main(cfg) -> Dict[str, Any]:
                      f"labels {c.labels} ({c.selection})" if concepts else "")
                   + f"; {len(train)} training blocks of {cfg.data.seq_len} tokens, world size {info.world_size}",
                   flush=True)
-        # 4. Labels cached ahead of training (rank 0 builds, resumably; every rank reads).
+        # 4. Labels cached ahead of training (rank 0 builds, resumably, while the others wait: under torchrun a
+        #    long build needs a generous process-group timeout, or labels=online; every rank reads).
         loader = StepLoader(train, batch_size=cfg.trainer.batch_size, micro_batch_size=cfg.trainer.micro_batch_size,
                             rank=info.rank, world_size=info.world_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         cache = None
@@ -213,6 +214,7 @@ def main(cfg) -> Dict[str, Any]:
             parts.add(out)
             return out["loss"] * count_targets(batch)
 
+        # 5. Train: the loss's parts (NTP, concept, KD) are logged beside the total; validation is NTP alone.
         trainer = Trainer(cfg, run_dir, info, net, loader, val, tokenizer=tok, loss_fn=loss_fn,
                           step_metrics=parts.pop)
         final = trainer.fit()
