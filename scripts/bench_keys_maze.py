@@ -27,6 +27,9 @@ SPECS = [
     ("3x3 rooms, size 1, op 1", {"rooms": (3, 3), "room_size": 1, "locked_doors": 2}, 1),
     ("4x4 rooms, size 1, op 2", {"rooms": (4, 4), "room_size": 1, "locked_doors": 3, "loops": 2}, 2),
     ("3x3 rooms, size 2, op 2", {"rooms": (3, 3), "room_size": 2, "locked_doors": 2}, 2),
+    # recipe=token_assorted_maze's spec
+    ("2x2 rooms, size 3, op 1", {"rooms": (2, 2), "room_size": 3, "locked_doors": 2, "loops": 0}, 1),
+    ("2x2 rooms, size 3, op 2", {"rooms": (2, 2), "room_size": 3, "locked_doors": 2, "loops": 0}, 2),
 ]
 
 
