@@ -169,3 +169,40 @@ def cached_stage(d: Path, upstream: Dict[str, Any], fn: Callable[[Path], Dict[st
         say(f"{d.name}: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})}")
     barrier()
     return summary if summary else json.loads(marker.read_text())["summary"]
+
+
+def save_weights_dir(module, out_dir: os.PathLike | str, fmt: str, config: Dict[str, Any],
+                     extra: Optional[Dict[str, Any]] = None) -> Path:
+    """A small model as a directory: model.safetensors (every parameter and buffer) and config.json ({"format",
+    "config", "extra"}), published atomically as a whole (used by the VQ-VAE and the SAE)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    with publish_dir(out, replace=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        atomic_write_json(tmp / "config.json", {"format": fmt, "config": config, "extra": dict(extra or {})})
+    return out
+
+
+def load_weights_dir(path: os.PathLike | str, fmt: str, what: str,
+                     expect: Optional[Dict[str, Any]] = None) -> tuple:
+    """(config, state dict) of a directory written by save_weights_dir, checked before the tensors are read: the
+    format, and `expect` (keys of the config or of extra that must have these values). `what` names the kind in
+    errors ("vqvae", "sae")."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise LlmxError(f"{what}: {path} is not a saved {what}: {name} missing")
+    doc = json.loads((path / "config.json").read_text())
+    if doc.get("format") != fmt:
+        raise LlmxError(f"{what}: {path}: format {doc.get('format')!r}; this llmx reads {fmt!r}")
+    saved = {**doc.get("extra", {}), **doc["config"]}
+    for key, want in (expect or {}).items():
+        if key not in saved:
+            raise LlmxError(f"{what}: {path} records no {key!r} (expected {want!r})")
+        if saved[key] != want:
+            raise LlmxError(f"{what}: {path} has {key}={saved[key]!r}, expected {want!r}")
+    return doc["config"], load_file(str(path / "model.safetensors"))

@@ -37,7 +37,6 @@ small v5_32k files CoCoMix uses) converts with `from_openai_state_dict(sd, teach
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmx.utils import LlmxError, atomic_write_json, publish_dir
+from llmx.utils import LlmxError, load_weights_dir, save_weights_dir
 
 FORMAT = "llmx-topk-sae/1"
 
@@ -238,35 +237,15 @@ def evaluate_sae(sae: TopKSAE, batches: Iterable[Tensor]) -> Dict[str, float]:
 
 def save_sae(sae: TopKSAE, out_dir: str | Path, extra: Optional[Dict[str, Any]] = None) -> Path:
     """Write model.safetensors and config.json into out_dir, atomically (published as a whole directory)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    with publish_dir(out, replace=True) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        atomic_write_json(tmp / "config.json", {"format": FORMAT, "config": asdict(sae.cfg),
-                                                "extra": dict(extra or {})})
-    return out
+    return save_weights_dir(sae, out_dir, FORMAT, asdict(sae.cfg), extra)
 
 
 def load_sae(path: str | Path, expect: Optional[Dict[str, Any]] = None) -> TopKSAE:
     """Load a saved SAE (eval mode). `expect`: config or `extra` keys that must match (teacher, layer,
     d_model, ...), checked before the tensors are read."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise LlmxError(f"sae: {path} is not a saved SAE: {name} missing")
-    doc = json.loads((path / "config.json").read_text())
-    if doc.get("format") != FORMAT:
-        raise LlmxError(f"sae: {path}: format {doc.get('format')!r}; this llmx reads {FORMAT!r}")
-    saved = {**doc.get("extra", {}), **doc["config"]}
-    for key, want in (expect or {}).items():
-        if saved.get(key) != want:
-            raise LlmxError(f"sae: {path} has {key}={saved.get(key)!r}, expected {want!r}")
-    sae = TopKSAE(SAEConfig.from_dict(doc["config"]))
-    sae.load_state_dict(load_file(str(path / "model.safetensors")))
+    config, state = load_weights_dir(path, FORMAT, "sae", expect)
+    sae = TopKSAE(SAEConfig.from_dict(config))
+    sae.load_state_dict(state)
     return sae.eval()
 
 

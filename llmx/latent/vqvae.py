@@ -49,7 +49,6 @@ choices made here, each a `VQVAEConfig` field or documented behaviour:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -60,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmx.utils import LlmxError, atomic_write_json, publish_dir
+from llmx.utils import LlmxError, load_weights_dir, save_weights_dir
 
 FORMAT = "llmx.vqvae/1"
 Item = Tuple[List[int], Tensor, Tensor]  # (prompt ids, chunk ids [L], chunk mask [L])
@@ -476,34 +475,12 @@ def encode_cot(model: VQVAE, examples: Sequence[Tuple[List[int], List[int], Any]
 def save_vqvae(model: VQVAE, out_dir: str | Path, extra: Optional[Dict[str, Any]] = None) -> Path:
     """Write model.safetensors (all parameters and buffers, EMA statistics included) and config.json
     ({"format", "config", "extra"}) into out_dir, atomically (published as a whole directory)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    with publish_dir(out, replace=True) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        atomic_write_json(tmp / "config.json", {"format": FORMAT, "config": model.cfg.to_dict(),
-                                                "extra": dict(extra or {})})
-    return out
+    return save_weights_dir(model, out_dir, FORMAT, model.cfg.to_dict(), extra)
 
 
 def load_vqvae(path: str | Path, expect: Optional[Dict[str, Any]] = None) -> VQVAE:
     """Load a saved VQ-VAE (eval mode). `expect`: keys of the config or of `extra` that must match."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise LlmxError(f"vqvae: {path} is not a saved VQ-VAE: {name} missing")
-    doc = json.loads((path / "config.json").read_text())
-    if doc.get("format") != FORMAT:
-        raise LlmxError(f"vqvae: {path}: format {doc.get('format')!r}; this llmx reads {FORMAT!r}")
-    saved = {**doc.get("extra", {}), **doc["config"]}
-    for key, want in (expect or {}).items():
-        if key not in saved:
-            raise LlmxError(f"vqvae: {path} records no {key!r} (expected {want!r})")
-        if saved[key] != want:
-            raise LlmxError(f"vqvae: {path} has {key}={saved[key]!r}, expected {want!r}")
-    model = VQVAE(VQVAEConfig.from_dict(doc["config"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    config, state = load_weights_dir(path, FORMAT, "vqvae", expect)
+    model = VQVAE(VQVAEConfig.from_dict(config))
+    model.load_state_dict(state)
     return model.eval()
