@@ -111,7 +111,8 @@ def check_sae(cfg, path: Path, teacher_cfg=None) -> Dict[str, Any]:
 
 
 class Parts:
-    """Running sums of the loss's parts (rank 0's micro-batches) for each logged row."""
+    """Running sums of the loss's parts (rank 0's micro-batches) for each logged row: train_ntp, train_concept and
+    train_kd are means over the log_every steps since the last row, while the row's `loss` is its last step's."""
 
     def __init__(self):
         self.sums: Dict[str, float] = {}
