@@ -2,8 +2,8 @@
 
     llmx run [OVERRIDES...]             compose conf/ with Hydra overrides and run the recipe
     llmx run -m recipe=a,b optim.lr=1e-3,3e-3   a sweep: one run directory per job
-    llmx list                           every recipe: kind, paper, description, fits a CPU
-    llmx show recipe=X [OVERRIDES...]   the resolved config
+    llmx list [--kind K --paper P --cpu]  every recipe, one line each, grouped by paper
+    llmx show recipe=X [OVERRIDES...]   its full description, measured CPU time, resolved config
     llmx validate                       compose and type-check every config in conf/
     llmx report RUN_DIR...              final metrics of runs or sweeps, as a table and plots
     llmx serve model=X [--port 8000]    an OpenAI-compatible HTTP server over a local model
@@ -60,6 +60,25 @@ def _config_sweep_params(overrides: List[str]) -> List[str]:
     return [f"{k}={v}" for k, v in params.items() if k not in given]
 
 
+def _fit_micro_batch(overrides: List[str]) -> List[str]:
+    """A launch over N processes whose micro-batch the user did not set gets the largest one that splits the
+    batch evenly (the recipe's micro-batch is a single-process choice), said once, before torchrun starts."""
+    from llmx.config.checks import derived_micro_batch, world_size
+    from llmx.config.compose import compose
+
+    if _has_override(overrides, "trainer.micro_batch_size"):
+        return overrides
+    cfg = compose(overrides, check_values=False)
+    if "trainer" not in cfg or world_size(cfg) == 1:
+        return overrides
+    micro = derived_micro_batch(cfg)
+    if micro == cfg.trainer.micro_batch_size:
+        return overrides
+    typer.echo(f"llmx: trainer.micro_batch_size={micro} (the recipe's {cfg.trainer.micro_batch_size} does not split "
+               f"trainer.batch_size={cfg.trainer.batch_size} over {world_size(cfg)} processes; set it to choose)")
+    return overrides + [f"trainer.micro_batch_size={micro}"]
+
+
 def _pin_resume_dir(overrides: List[str]) -> List[str]:
     """resume=auto|latest on a single run: continue inside the run directory that holds the newest
     complete checkpoint of this recipe (metrics.jsonl continues there), unless hydra.run.dir is given."""
@@ -96,6 +115,8 @@ def run(
 
     # Validate every job's config before any work starts, with llmx's own error messages.
     try:
+        if not multirun:
+            overrides = _fit_micro_batch(overrides)
         jobs = expand_sweep(overrides + _config_sweep_params(overrides)) if multirun else [overrides]
         cfgs = [compose(job) for job in jobs]
     except ConfigError as e:
@@ -149,32 +170,58 @@ def _run_hydra(overrides: List[str], *, multirun: bool, cfg: Optional[str]) -> i
     return results[-1].exit_code if results else 1
 
 
+def _width() -> Optional[int]:
+    """The terminal's width; when stdout is not a terminal, $COLUMNS if set, else no limit (grep sees whole lines)."""
+    import shutil
+
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
+
+
 @app.command("list")
-def list_cmd():
-    """Every recipe config with its kind, paper, description and whether it fits a CPU."""
-    from rich.console import Console
-    from rich.table import Table
-
+def list_cmd(
+    kind: Optional[str] = typer.Option(None, help="only recipes of this kind (pretrain, sparsify, merge, ...)"),
+    paper: Optional[str] = typer.Option(None, help="only recipes whose paper contains this text"),
+    cpu: bool = typer.Option(False, "--cpu", help="only recipes that fit 2 CPU cores"),
+    by: str = typer.Option("paper", help="group by paper or kind"),
+):
+    """Every recipe, one line each, grouped by paper: kind, where it runs (cpu with its measured time, or gpu),
+    description. `llmx show recipe=X` prints one recipe in full."""
+    from llmx.catalog import render_list, select
     from llmx.config.compose import list_recipes
+    from llmx.utils import LlmxError
 
-    table = Table(title="llmx recipes (llmx run recipe=<name>)")
-    # Names are copied into commands: they never wrap; paper and description wrap into what width is left.
-    table.add_column("recipe", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("paper", ratio=1)
-    table.add_column("description", ratio=3, min_width=8)
-    table.add_column("CPU", no_wrap=True)
-    for r in list_recipes():
-        table.add_row(r["name"], str(r["kind"]), r.get("paper") or "-", r.get("description") or "", "yes" if r.get("fits_cpu") else "no")
-    Console().print(table)
+    try:
+        rows = select(list_recipes(), kind=kind, paper=paper, cpu=cpu)
+        text = render_list(rows, width=_width(), by=by, ellipsis="…" if _utf8() else "...")
+    except LlmxError as e:
+        _fail(str(e), 2)
+    if sys.stdout.isatty():
+        text = "\n".join(typer.style(line, bold=True) if line and not line.startswith(" ") else line
+                         for line in text.splitlines())
+    typer.echo(text)
+    typer.echo(f"\n{len(rows)} recipes. Run one: llmx run recipe=NAME; details: llmx show recipe=NAME")
+
+
+def _utf8() -> bool:
+    return (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") == "utf8"
 
 
 @app.command(context_settings=EXTRA)
 def show(ctx: typer.Context):
-    """Print the resolved config: `llmx show recipe=pretrain_llama60m optim.lr=1e-3`."""
+    """A recipe's full description and measured CPU time, then its resolved config:
+    `llmx show recipe=pretrain_llama60m optim.lr=1e-3`."""
     from omegaconf import OmegaConf
 
+    from llmx.catalog import describe
+    from llmx.config.compose import list_recipes
+
     cfg = _compose_or_exit(list(ctx.args))
+    row = next((r for r in list_recipes() if r["name"] == cfg.name), None)
+    if row is not None:
+        typer.echo(describe(row))
     typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
 
 

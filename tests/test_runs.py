@@ -66,6 +66,10 @@ def test_resume_after_sigkill_continues_the_same_trajectory(tmp_path, reference_
     assert train_losses(run_dir) == train_losses(ref_dir)
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, 13))  # no duplicated steps after the resume
+    # Throughput counts the resumed part only: steps 9-12 (4 of 12) in this process's training time.
+    final, ref = (json.loads((d / "final.json").read_text()) for d in (run_dir, ref_dir))
+    assert final["tokens_seen"] == ref["tokens_seen"]
+    assert final["tokens_per_s"] * final["train_time_s"] == pytest.approx(ref["tokens_seen"] * 4 / 12, rel=1e-9)
 
 
 def test_resume_auto_without_a_path_finds_the_recipes_newest_run(tmp_path):
@@ -164,11 +168,34 @@ def test_corrupt_checkpoint_is_refused_and_never_restarts_from_scratch(tmp_path,
     assert "starting from step 0" in proc.stdout
 
 
+def test_resume_with_a_changed_config_is_refused_with_the_differences(tmp_path, reference_run):
+    import shutil
+
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "changed"
+    shutil.copytree(ref_dir, run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    _, proc = tiny_run(tmp_path, "changed", "resume=auto", "trainer.max_steps=14", "optim.lr=0.0123", "seed=5",
+                       check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "optim.lr: 0.04 in the checkpoint, 0.0123 now" in proc.stderr
+    assert "seed: 0 in the checkpoint, 5 now" in proc.stderr and "max_steps" not in proc.stderr
+    assert "resume_force=true" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # refused before any step
+    _, proc = tiny_run(tmp_path, "changed", "resume=auto", "trainer.max_steps=14", "optim.lr=0.0123",
+                       "resume_force=true")
+    assert "resume_force=true: continuing" in proc.stdout and "optim.lr" in proc.stdout
+    assert max(train_losses(run_dir)) == 14
+
+
 def test_print_config_and_list_and_validate(tmp_path):
     proc = run_llmx(["run", "--cfg", "job", "recipe=pretrain_llama60m"], cwd=tmp_path, check=True)
     assert "hidden_size: 512" in proc.stdout and "intermediate_size: 1376" in proc.stdout
-    proc = run_llmx(["list"], cwd=tmp_path, check=True)
+    proc = run_llmx(["list"], cwd=tmp_path, check=True, env={"COLUMNS": "80"})
     assert "pretrain_tiny" in proc.stdout and "pretrain_llama60m" in proc.stdout
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    proc = run_llmx(["list", "--kind", "pretrian"], cwd=tmp_path)
+    assert proc.returncode == 2 and "kinds: generate_bench" in proc.stderr and "Traceback" not in proc.stderr
     # `llmx validate` on a small copy of conf/ (the real one is validated whole in-process by test_config.py).
     from conftest import small_conf_copy
 
@@ -176,7 +203,7 @@ def test_print_config_and_list_and_validate(tmp_path):
     assert "all configs compose and type-check" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "llmx", "show", "recipe=pretrain_tiny", "optim.lr=0.5"], cwd=tmp_path,
                           capture_output=True, text=True, check=True)
-    assert "lr: 0.5" in proc.stdout
+    assert "lr: 0.5" in proc.stdout and proc.stdout.startswith("# pretrain_tiny: pretrain, no paper, fits 2 CPU cores")
 
 
 def test_cli_startup_imports_nothing_heavy():

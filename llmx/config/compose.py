@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import yaml
 
 import llmx
+from llmx.config.checks import problems as value_problems
 from llmx.utils import LlmxError
 
 DEFAULT_CONF_DIR = Path(llmx.__file__).resolve().parents[1] / "conf"
@@ -35,7 +36,7 @@ OPTION_GROUPS = ("model", "data", "optim", "trainer", "logger", "launcher", "ben
 
 # LlmxConfig's defaults for the fields `llmx list` shows, repeated here because importing the
 # schema would pull in OmegaConf and list_recipes() must stay import-light.
-_RECIPE_DEFAULTS = {"kind": "pretrain", "paper": "", "description": "", "fits_cpu": True}
+_RECIPE_DEFAULTS = {"kind": "pretrain", "paper": "", "description": "", "fits_cpu": True, "cpu_time": ""}
 
 
 class ConfigError(LlmxError):
@@ -80,8 +81,9 @@ class _HydraContext:
         return False
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False):
-    """The composed DictConfig for `overrides`, or ConfigError with a one-line reason."""
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False, check_values: bool = True):
+    """The composed DictConfig for `overrides`, or ConfigError with a one-line reason (check_values: also the
+    ranges and combinations of llmx.config.checks)."""
     from hydra import compose as hydra_compose
 
     overrides = list(overrides)
@@ -93,6 +95,9 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False):
         except Exception as exc:
             raise ConfigError(format_compose_error(exc, overrides)) from exc
     _check_added_keys(cfg, overrides)
+    found = value_problems(cfg) if check_values else []
+    if found:
+        raise ConfigError(found[0] if len(found) == 1 else "bad values:\n  " + "\n  ".join(found))
     return cfg
 
 
@@ -407,7 +412,12 @@ def validate_all() -> list[tuple[str, str]]:
         if directory / group / f"{name}.yaml" in unparsable:
             continue
         try:
-            cfg = compose([job], return_hydra_config=True)
+            cfg = compose([job], return_hydra_config=True, check_values=False)
+            # An option with the default recipe: its ranges count, not how its batch splits over a launcher's
+            # processes (a recipe that is launched so is composed with its own batch sizes).
+            found = value_problems(cfg, batch_split=group == "recipe")
+            if found:
+                raise ConfigError("; ".join(found))
             _check_hydra_launcher(cfg)
             _to_object_check(_job_part(cfg))
         except ConfigError as exc:
@@ -427,7 +437,7 @@ def validate_all() -> list[tuple[str, str]]:
 
 
 def list_recipes() -> list[dict]:
-    """name, kind, paper, description, fits_cpu (and path) of every recipe, read straight from the
+    """name, kind, paper, description, fits_cpu, cpu_time (and path) of every recipe, read straight from the
     YAML files: no Hydra, no composition, so `llmx list` stays instant."""
     out = []
     for path in sorted((conf_dir() / "recipe").glob("*.yaml")):

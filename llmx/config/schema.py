@@ -912,10 +912,14 @@ class LlmxConfig:
     paper: str = ""
     description: str = ""
     fits_cpu: bool = True
+    cpu_time: str = ""  # wall time of a default run on 2 CPU cores, as measured (and any one-time first-run cost)
     seed: int = 0
     # null: start fresh; auto: newest complete checkpoint of this recipe if any (says so if none);
     # latest: like auto but an error when none exists; else a checkpoint or run directory path.
     resume: Optional[str] = None
+    # A resume whose config differs from the checkpoint's outside the resumable settings (run length, logging,
+    # evaluation and checkpoint cadence, launcher) is refused with the differences; true continues anyway.
+    resume_force: bool = False
     output_root: str = "outputs"
     run_dir: Optional[str] = None  # set at launch to the job's output directory
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -200,6 +200,34 @@ def find_newest(run_dirs: List[Path]) -> Optional[Path]:
     return best
 
 
+# Settings a resume may change: how long the run goes, how often it logs, evaluates and saves, where and how it
+# runs. Any other difference changes the trajectory, so a resume that differs in one is refused unless the user
+# says resume_force=true.
+RESUMABLE = ("trainer.max_steps", "trainer.eval_every", "trainer.eval_batches", "trainer.log_every",
+             "trainer.ckpt_every", "trainer.keep_last", "trainer.save_final", "trainer.export_hf", "trainer.device",
+             "trainer.compile", "trainer.activation_checkpointing", "trainer.reshard_after_forward",
+             "trainer.meta_init_threshold", "trainer.detect_nan", "trainer.max_seconds", "logger", "launcher",
+             "resume", "resume_force", "run_dir", "output_root", "description", "cpu_time", "fits_cpu", "paper")
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(tree, dict):
+        out: Dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """The settings, outside RESUMABLE, that differ between a checkpoint's config and this run's, one line each."""
+    a, b = _flatten(saved), _flatten(now)
+    missing = "(unset)"
+    return [f"{k}: {a.get(k, missing)!r} in the checkpoint, {b.get(k, missing)!r} now"
+            for k in sorted(set(a) | set(b))
+            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE) and a.get(k, missing) != b.get(k, missing)]
+
+
 def resolve_resume(spec: Optional[str], run_dir: Path) -> Optional[Path]:
     """Turn the `resume` setting into a checkpoint path (or None for a fresh start).
 

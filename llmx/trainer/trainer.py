@@ -223,6 +223,7 @@ class Trainer:
             if cfg.resume in ("auto",):
                 self.say(f"resume=auto: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
             return
+        self._check_resumable_config(Path(path))
         state = ckpt.load(
             Path(path), self.model, optimizers_of(self.optimizer), rank=self.info.rank, world_size=self.info.world_size
         )
@@ -232,6 +233,28 @@ class Trainer:
         metrics.truncate_after(self.step)
         self.last_checkpoint = Path(path)
         self.say(f"resumed from {path} at step {self.step}")
+
+    def _config_tree(self) -> Optional[Dict[str, Any]]:
+        from omegaconf import OmegaConf
+
+        if not OmegaConf.is_config(self.cfg):
+            return None
+        return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+
+    def _check_resumable_config(self, path: Path) -> None:
+        """Every rank reads the manifest and decides alike, so a refusal never leaves a rank waiting."""
+        saved, now = ckpt.read_manifest(path).get("config"), self._config_tree()
+        if saved is None or now is None:
+            return
+        changes = ckpt.config_changes(saved, now)
+        if not changes:
+            return
+        listing = "\n  ".join(changes)
+        if not self.cfg.get("resume_force", False):
+            raise LlmxError(f"resume from {path}: this run's config differs from the checkpoint's in settings that change "
+                            f"the run:\n  {listing}\nRun with the checkpoint's values, or add resume_force=true to go on "
+                            f"with the new ones.")
+        self.say(f"resume_force=true: continuing with settings that differ from the checkpoint's:\n  {listing}")
 
     # ------------------------------------------------------------------ pieces
     def say(self, msg: str) -> None:
@@ -249,7 +272,7 @@ class Trainer:
             rank=self.info.rank,
             world_size=self.info.world_size,
             keep_last=self.cfg.trainer.keep_last,
-            extra_manifest={"name": self.cfg.name, "tokens_seen": self.tokens_seen},
+            extra_manifest={"name": self.cfg.name, "tokens_seen": self.tokens_seen, "config": self._config_tree()},
         )
         self.last_checkpoint = path
         return path
@@ -313,7 +336,8 @@ class Trainer:
         t, o = self.cfg.trainer, self.cfg.optim
         info, device = self.info, self.info.device
         params = [p for p in self.model.parameters() if p.requires_grad]
-        window_tokens, window_time, train_time = 0, 0.0, 0.0
+        # This process's tokens and time only: after a resume, tokens_seen also counts the steps before it.
+        window_tokens, window_time, train_time, run_tokens = 0, 0.0, 0.0, 0
         loss_value, grad_norm = float("nan"), None
         val: Dict[str, float] = {}
         start_wall = time.time()
@@ -356,6 +380,7 @@ class Trainer:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             window_tokens += step_tokens
+            run_tokens += step_tokens
             window_time += dt
             train_time += dt
             tps = window_tokens / window_time if window_time > 0 else 0.0
@@ -399,7 +424,7 @@ class Trainer:
             **val,
             "tokens_seen": self.tokens_seen,
             "train_time_s": train_time,
-            "tokens_per_s": (self.tokens_seen / train_time) if train_time > 0 else None,
+            "tokens_per_s": (run_tokens / train_time) if train_time > 0 else None,
             "peak_mem_mb": peak_memory_mb(device),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "world_size": info.world_size,
