@@ -105,7 +105,9 @@ def run_recipe(cfg) -> dict:
 
 def torchrun_command(cfg, run_dir: Path, node_rank_host: Optional[str] = None) -> List[str]:
     lc = cfg.launcher
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={lc.nproc_per_node}", f"--nnodes={lc.nnodes}"]
+    # torchrun through llmx.worker --torchrun: the same launcher, without its traceback after a rank's error.
+    cmd = [sys.executable, "-m", "llmx.worker", "--torchrun", f"--nproc_per_node={lc.nproc_per_node}",
+           f"--nnodes={lc.nnodes}"]
     endpoint = lc.rdzv_endpoint or (f"{node_rank_host}:29500" if node_rank_host else None)
     if lc.nnodes > 1:
         if not endpoint:
@@ -128,6 +130,16 @@ def _spawn(cmd: List[str]) -> int:
         return proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _rank_error(run_dir: Path, code: int) -> str:
+    """What the failing rank said (its error.txt, first line), else torchrun's exit code."""
+    path = run_dir / "error.txt"
+    if path.is_file():
+        lines = path.read_text().strip().splitlines()
+        if lines:
+            return lines[0] + (f" (details in {path})" if len(lines) > 1 else "")
+    return f"torchrun exited with code {code}"
 
 
 def slurm_head_host() -> Optional[str]:
@@ -160,7 +172,7 @@ def run_job(cfg, run_dir: Path) -> JobResult:
             head = slurm_head_host() if launcher == "slurm" else None
             code = _spawn(torchrun_command(cfg, run_dir, head))
         result = JobResult(str(run_dir), "ok" if code == 0 else "failed", code,
-                           "" if code == 0 else f"torchrun exited with code {code}")
+                           "" if code == 0 else _rank_error(run_dir, code))
     except RunInterrupted as e:
         result = JobResult(str(run_dir), "interrupted", e.exit_code, str(e))
     except LlmxError as e:

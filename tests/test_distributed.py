@@ -23,7 +23,7 @@ def runs(tmp_path_factory, reference_run):
 
 def test_two_process_fsdp_matches_single_process(runs):
     _, single, fsdp, proc = runs
-    assert "torch.distributed.run" in proc.stdout and "world size 2" in proc.stdout
+    assert "llmx.worker --torchrun --nproc_per_node=2" in proc.stdout and "world size 2" in proc.stdout
     a, b = train_losses(single), train_losses(fsdp)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:  # same global batch and loss normalisation; only the summation order differs
@@ -45,6 +45,14 @@ def test_fsdp_export_is_a_full_hf_model(runs):
     assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_a_ranks_error_reaches_the_user_as_one_line(tmp_path):
+    proc = run_llmx(["run", *TINY, *FSDP, f"hydra.run.dir={tmp_path / 'r'}", "resume=latest"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.count("resume=latest: no complete checkpoint") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    assert (tmp_path / "r" / "error.txt").read_text().startswith("resume=latest: no complete checkpoint")
 
 
 def test_fsdp_resume_after_sigkill_is_bitwise(runs):
