@@ -403,19 +403,20 @@ def test_eval_batches_deterministic_and_sharded():
     assert one == [ids([b]) for b in eval_batches(val, micro_batch_size=4, max_batches=3)]
     assert sum(map(len, (ids([b]) for b in eval_batches(val, micro_batch_size=4)))) == 30
 
-    # Two ranks: the first 3*4*2 = 24 blocks, each exactly once, rank r holding a contiguous slice.
-    per_rank = [[ids([b]) for b in eval_batches(val, micro_batch_size=4, rank=r, world_size=2, max_batches=3)]
-                for r in range(2)]
-    assert per_rank[0][0] == [0, 1, 2, 3] and per_rank[1][0] == [4, 5, 6, 7]
-    assert sorted(i for r in per_rank for b in r for i in b) == list(range(24))
-    # 30 blocks over 4 ranks: rounded down to 28 = one global batch of 16 and a short one of 12, split
-    # evenly, so every rank runs the same number of forward passes of the same size.
+    # max_batches counts micro-batches of all ranks: the same 12 blocks whatever the process count, each exactly
+    # once, strided over ranks.
+    for w in (2, 3, 4):
+        per_rank = [[ids([b]) for b in eval_batches(val, micro_batch_size=4, rank=r, world_size=w, max_batches=3)]
+                    for r in range(w)]
+        assert sorted(i for r in per_rank for b in r for i in b) == list(range(12)), w
+    assert per_rank[1] == [[1, 5, 9]]
+    # 30 blocks over 4 ranks: none dropped; ranks 0-1 hold 8 blocks, ranks 2-3 hold 7 (the trainer evens out
+    # the number of forwards).
     tail = [[ids([b]) for b in eval_batches(val, micro_batch_size=4, rank=r, world_size=4)] for r in range(4)]
-    assert [[len(b) for b in r] for r in tail] == [[4, 3]] * 4
-    assert sorted(i for r in tail for b in r for i in b) == list(range(28))
-    assert tail[1] == [[4, 5, 6, 7], [19, 20, 21]]
-    # 17 blocks over 4 ranks: the 17th would leave three ranks with an empty batch, so it is dropped.
-    assert [[len(b) for b in eval_batches(toy(17), micro_batch_size=4, rank=r, world_size=4)] for r in range(4)] == [[4]] * 4
+    assert [[len(b) for b in r] for r in tail] == [[4, 4], [4, 4], [4, 3], [4, 3]]
+    assert sorted(i for r in tail for b in r for i in b) == list(range(30))
+    assert [[len(b) for b in eval_batches(toy(3), micro_batch_size=4, rank=r, world_size=4)] for r in range(4)] == [
+        [1], [1], [1], []]
     assert list(eval_batches(toy(0), micro_batch_size=4)) == []
 
 

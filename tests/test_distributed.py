@@ -55,6 +55,19 @@ def test_a_ranks_error_reaches_the_user_as_one_line(tmp_path):
     assert (tmp_path / "r" / "error.txt").read_text().startswith("resume=latest: no complete checkpoint")
 
 
+def test_validation_covers_every_block_at_1_2_and_3_processes(tmp_path):
+    # lr 1e-12: the weights stay those of step 0, so the losses differ only by summation order, not by which
+    # blocks each process count evaluates (the held-out blocks, 31, split evenly over neither 2 nor 3 ranks).
+    common = [*TINY, "trainer.max_steps=1", "trainer.batch_size=12", "trainer.micro_batch_size=2",
+              "trainer.eval_batches=1000", "optim.lr=1e-12", "trainer.export_hf=false"]
+    val = {}
+    for n in (1, 2, 3):
+        extra = ["launcher=torchrun", f"launcher.nproc_per_node={n}"] if n > 1 else []
+        run_llmx(["run", *common, *extra, f"hydra.run.dir={tmp_path / str(n)}"], cwd=tmp_path, check=True)
+        val[n] = json.loads((tmp_path / str(n) / "final.json").read_text())["val_loss"]
+    assert val[2] == pytest.approx(val[1], rel=1e-6) and val[3] == pytest.approx(val[1], rel=1e-6), val
+
+
 def test_fsdp_resume_after_sigkill_is_bitwise(runs):
     tmp, _, fsdp, _ = runs
     killed = tmp / "fsdp_killed"

@@ -170,20 +170,18 @@ class StepLoader:
 
 def eval_batches(val, micro_batch_size: int, rank: int = 0, world_size: int = 1,
                  max_batches: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """This rank's micro-batches of the first max_batches * M * w validation blocks, in order.
+    """This rank's micro-batches of the first max_batches * micro_batch_size validation blocks, in order.
 
-    Every rank yields the same number of batches of the same size (FSDP runs collectives in each
-    forward, so unequal counts would hang): the block count is rounded down to a multiple of
-    world_size (so no rank gets an empty batch), and a final short global batch is split evenly.
-    Empty validation yields nothing.
+    The evaluated blocks do not depend on the process count: max_batches counts micro-batches of all ranks
+    together, and rank r takes blocks r, r + w, r + 2w, ... of them, so every block is evaluated once whatever w
+    is. Ranks may hold one block more than others, or one batch more: the trainer gives the shorter ones a
+    forward whose loss it ignores (FSDP needs the same number of forwards on every rank). Empty validation
+    yields nothing.
     """
     _check_split(micro_batch_size * world_size, micro_batch_size, rank, world_size)
     n = len(val)
     if max_batches is not None:
-        n = min(n, max_batches * micro_batch_size * world_size)
-    n -= n % world_size
-    step = micro_batch_size * world_size
-    for start in range(0, n, step):
-        per_rank = min(step, n - start) // world_size
-        lo = start + rank * per_rank
-        yield torch.stack([val[i] for i in range(lo, lo + per_rank)]).long()
+        n = min(n, max_batches * micro_batch_size)
+    mine = range(rank, n, world_size)
+    for start in range(0, len(mine), micro_batch_size):
+        yield torch.stack([val[i] for i in mine[start:start + micro_batch_size]]).long()

@@ -206,10 +206,10 @@ def item_eval_batches(items, collate, pad_id: int):
 
     def batches(val, micro_batch_size: int, rank: int = 0, world_size: int = 1, max_batches: Optional[int] = None
                 ) -> Iterator[Dict[str, torch.Tensor]]:
-        mine = [it for j, it in enumerate(items) if j % world_size == rank]
-        for n, j in enumerate(range(0, len(mine), micro_batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
+        # As llmx.data.eval_batches: max_batches counts micro-batches of all ranks, items strided over ranks.
+        head = items if max_batches is None else items[:max_batches * micro_batch_size]
+        mine = head[rank::world_size]
+        for j in range(0, len(mine), micro_batch_size):
             yield collate(mine[j: j + micro_batch_size], pad_id)
 
     return batches

@@ -283,27 +283,26 @@ class Trainer:
 
         t = self.cfg.trainer
         fn = self.eval_batches_fn or eval_batches
-        # eval_batches counts micro-batches over all ranks, so the evaluated blocks are the same
-        # whatever the process count.
-        per_rank = max(1, t.eval_batches // self.info.world_size)
-        batches = list(
-            fn(self.val_data, micro_batch_size=t.micro_batch_size, rank=self.info.rank,
-               world_size=self.info.world_size, max_batches=per_rank)
-        )
-        # Every rank must run the same number of forwards (FSDP all-gathers inside each).
+        batches = list(fn(self.val_data, micro_batch_size=t.micro_batch_size, rank=self.info.rank,
+                          world_size=self.info.world_size, max_batches=t.eval_batches))
+        # Every rank must run the same number of forwards (FSDP all-gathers inside each): a rank with fewer
+        # batches repeats a batch and ignores its loss, so no block is dropped to even the ranks out.
         n_batches = torch.tensor(len(batches))
         if self.info.distributed:
-            torch.distributed.all_reduce(n_batches, op=torch.distributed.ReduceOp.MIN)
-        batches = batches[: int(n_batches)]
-        if not batches:
+            torch.distributed.all_reduce(n_batches, op=torch.distributed.ReduceOp.MAX)
+        if int(n_batches) == 0:
             raise LlmxError("evaluation has no held-out data: check data.val_fraction / data.val_paths")
+        filler = batches[-1] if batches else next(iter(fn(self.val_data, micro_batch_size=1, max_batches=1)))
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.info.device)
         count = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        for mb in batches:
+        for i in range(int(n_batches)):
+            mb = batches[i] if i < len(batches) else filler
             with self.autocast():
-                total += self.loss_fn(self.model, to_device(mb, self.info.device)).double()
-            count += count_targets(mb)
+                loss = self.loss_fn(self.model, to_device(mb, self.info.device)).double()
+            if i < len(batches):
+                total += loss
+                count += count_targets(mb)
         self.model.train()
         all_reduce_sum(total)
         all_reduce_sum(count)
