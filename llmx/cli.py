@@ -243,10 +243,9 @@ def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories or sweep directories."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write report.md/json and plots."),
 ):
-    """Final metrics of one run or a whole sweep as a table, plus the plots."""
-    from rich.console import Console
-
-    from llmx.report import bench_sections, collect_runs, report_table, write_report
+    """Final metrics of runs or whole sweeps as a table (each run labelled by its recipe and the overrides in which
+    it differs from the others), plus report.md, report.json and the loss curves labelled the same way."""
+    from llmx.report import bench_sections, collect_runs, report_text, write_report
     from llmx.utils import LlmxError
 
     for d in run_dirs:
@@ -258,13 +257,13 @@ def report(
         _fail(str(e))
     if not runs:
         _fail(f"no llmx runs (directories with metrics.jsonl) under {' '.join(map(str, run_dirs))}")
-    console = Console()
-    console.print(report_table(runs))
+    typer.echo(report_text(runs, width=_width()))
     bench = bench_sections(runs)
     if bench:
+        from rich.console import Console
         from rich.markdown import Markdown
 
-        console.print(Markdown(bench))
+        Console().print(Markdown(bench))
     target = out or (run_dirs[0] if len(run_dirs) == 1 else Path("."))
     for path in write_report(runs, target):
         typer.echo(f"wrote {path}")

@@ -68,6 +68,21 @@ def _read_overrides(run_dir: Path) -> list[str]:
     return [str(x) for x in data] if isinstance(data, list) else []
 
 
+def _recipe_name(run_dir: Path, overrides: Sequence[str]) -> Optional[str]:
+    """The recipe a run ran: `name` in its saved config, else its recipe= override."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        try:
+            name = (yaml.safe_load(path.read_text()) or {}).get("name")
+            if isinstance(name, str) and name:
+                return name
+        except (yaml.YAMLError, AttributeError):
+            pass
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
+
+
 def _last_values(records: Iterable[dict]) -> dict:
     # Train and eval metrics are logged on separate lines; the latest value of each key describes
     # where an unfinished run got to.
@@ -118,10 +133,12 @@ def collect_run(run_dir: Path, label: Optional[str] = None) -> dict:
     if not isinstance(step, (int, float)) and records:
         step = _last_values(records).get("step")
     status = _status(run_dir)
+    overrides = _read_overrides(run_dir)
     return {
         "run": label or run_dir.name,
         "dir": str(run_dir),
-        "overrides": _read_overrides(run_dir),
+        "recipe": _recipe_name(run_dir, overrides),
+        "overrides": overrides,
         "status": status,
         "step": step,
         "final": {k: v for k, v in final.items() if k not in _NOT_METRICS},
@@ -199,37 +216,51 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# Overrides that say how a run was run, not what it computed: never part of a label.
+_NOT_IN_LABELS = ("hydra.", "logger.", "resume", "launcher.", "recipe=")
+
+
 def _split_overrides(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    # In a sweep every job repeats the fixed overrides; the table shows what differs per run and
-    # names the shared ones once.
+    """(overrides every run shares, each run's others), leaving out _NOT_IN_LABELS."""
+    kept = [[o for o in r["overrides"] if not o.lstrip("+~").startswith(_NOT_IN_LABELS)] for r in runs]
     if len(runs) < 2:
-        return [], [r["overrides"] for r in runs]
-    common = [o for o in runs[0]["overrides"] if all(o in r["overrides"] for r in runs[1:])]
-    return common, [[o for o in r["overrides"] if o not in common] for r in runs]
+        return [], kept
+    common = [o for o in kept[0] if all(o in k for k in kept[1:])]
+    return common, [[o for o in k if o not in common] for k in kept]
 
 
-def _display_labels(runs: Sequence[dict]) -> tuple[str, list[str]]:
-    """(common leading path, labels without it): a sweep's jobs read as 0, 1, 2 under its dir."""
+def run_labels(runs: Sequence[dict]) -> list[str]:
+    """Each run by its recipe and the overrides in which it differs from the others (a sweep's jobs by their
+    swept values); runs that would read alike get their directory's name."""
+    _, differing = _split_overrides(runs)
+    labels = [" ".join([r.get("recipe") or Path(r["dir"]).name] + d) for r, d in zip(runs, differing)]
+    return [f"{label} ({Path(r['dir']).name})" if labels.count(label) > 1 else label
+            for label, r in zip(labels, runs)]
+
+
+def _common_dir(runs: Sequence[dict]) -> str:
+    """The leading directory every run label shares (a sweep's directory)."""
     parts = [Path(r["run"]).parts for r in runs]
     if not parts:
-        return "", []
+        return ""
     k = 0
     while all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
         k += 1
-    return "/".join(parts[0][:k]), ["/".join(p[k:]) for p in parts]
+    return "/".join(parts[0][:k])
 
 
 class TableData(NamedTuple):
     headers: list[str]
     rows: list[list[str]]
     common_overrides: list[str]
-    prefix: str  # leading directory shared by every run label
+    prefix: str  # leading directory shared by every run
     constants: list[tuple[str, str]]  # (metric, value) equal in every run, when left out of rows
 
 
 def table_data(runs: Sequence[dict], all_columns: bool = True) -> TableData:
-    """The report table as strings. all_columns False keeps a terminal table narrow: generic
-    metrics that are the same in every run (parameters, world size, ...) move to `constants`."""
+    """The report table as strings, one row per run labelled by run_labels. all_columns False keeps a terminal
+    table narrow: generic metrics that are the same in every run (parameters, world size, ...) move to
+    `constants`."""
     cols = metric_columns(runs)
     constants: list[tuple[str, str]] = []
     if not all_columns:
@@ -241,62 +272,60 @@ def table_data(runs: Sequence[dict], all_columns: bool = True) -> TableData:
             else:
                 constants.append((col.header, values.pop()))
         cols = shown
-    common, per_run = _split_overrides(runs)
-    prefix, labels = _display_labels(runs)
-    # Overrides last: long ones wrap at the right edge instead of pushing the metrics off a narrow
-    # terminal.
-    headers = ["run", "status", "step"] + [c.header for c in cols] + ["overrides"]
-    rows = [
-        [label, run["status"], _fmt(run["step"])] + [_fmt(c.get(run)) for c in cols] + [" ".join(ovs) or "-"]
-        for run, ovs, label in zip(runs, per_run, labels)
-    ]
-    return TableData(headers, rows, common, prefix, constants)
+    common, _ = _split_overrides(runs)
+    headers = ["run", "status", "step"] + [c.header for c in cols]
+    rows = [[label, run["status"], _fmt(run["step"])] + [_fmt(c.get(run)) for c in cols]
+            for run, label in zip(runs, run_labels(runs))]
+    return TableData(headers, rows, common, _common_dir(runs), constants)
 
 
-_STATUS_STYLE = {"ok": "green", "failed": "red", "incomplete": "yellow"}
+def report_text(runs: Sequence[dict], width: Optional[int] = 80) -> str:
+    """The terminal table. When a row does not fit `width` columns it wraps by row, not by cell: each run's
+    label on a line of its own, its values on the next, under one header."""
+    data = table_data(runs, all_columns=False)
+    title = f"{len(runs)} run{'s' if len(runs) != 1 else ''}" + (f" in {data.prefix}" if data.prefix else "")
+    value_headers, value_rows = data.headers[1:], [row[1:] for row in data.rows]
+    widths = [max(len(h), *(len(r[i]) for r in value_rows)) for i, h in enumerate(value_headers)]
 
+    def line(cells, cols):
+        return "  ".join(cells[i].ljust(widths[i]) if i == 0 else cells[i].rjust(widths[i]) for i in cols)
 
-def report_table(runs: Sequence[dict], all_columns: bool = False):
-    """A rich Table of the runs (see table_data for all_columns)."""
-    from rich.table import Table
-
-    data = table_data(runs, all_columns=all_columns)
+    every = range(len(widths))
+    label_w = max(len(h) for h in [data.headers[0]] + [row[0] for row in data.rows])
+    out = [title, ""]
+    if width is None or label_w + 2 + len(line(value_headers, every)) <= width:
+        out.append(data.headers[0].ljust(label_w) + "  " + line(value_headers, every))
+        out += [row[0].ljust(label_w) + "  " + line(values, every) for row, values in zip(data.rows, value_rows)]
+    else:
+        # Columns in groups that fit under a 2-space indent; each run: its label, then a line per group.
+        groups = [[]]
+        for i in every:
+            if groups[-1] and 2 + len(line(value_headers, groups[-1] + [i])) > width:
+                groups.append([])
+            groups[-1].append(i)
+        out += [data.headers[0]] + ["  " + line(value_headers, g) for g in groups]
+        for row, values in zip(data.rows, value_rows):
+            out += [row[0]] + ["  " + line(values, g) for g in groups]
     notes = []
-    if len(runs) == 1 and data.rows:
-        # One run: its overrides read better as a line under the table than as a narrow column.
-        notes.append(f"overrides: {data.rows[0][-1]}")
-        data = data._replace(headers=data.headers[:-1], rows=[data.rows[0][:-1]])
     if data.common_overrides:
         notes.append(f"common overrides: {' '.join(data.common_overrides)}")
     if data.constants:
         label = "same in every run" if len(runs) > 1 else "also"
         notes.append(f"{label}: " + ", ".join(f"{k}={v}" for k, v in data.constants))
-    title = f"{len(runs)} run{'s' if len(runs) != 1 else ''}" + (f" in {data.prefix}" if data.prefix else "")
-    from rich import box
+    failed = [(label, r) for label, r in zip(run_labels(runs), runs) if r["status"] == "failed" and r["error"]]
+    notes += [f"failed: {label}: {r['error']}" for label, r in failed]
+    if notes:
+        out.append("")
+        out += _wrap(notes, width)
+    return "\n".join(line.rstrip() for line in out)
 
-    table = Table(
-        title=title,
-        caption="\n".join(notes) or None,
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1),
-        collapse_padding=True,
-    )
-    for i, h in enumerate(data.headers):
-        widest = max([len(row[i]) for row in data.rows] + [1])
-        if h == "overrides":
-            table.add_column(h, overflow="fold", min_width=min(widest, 10))
-        else:
-            # Values keep their full width (a loss cut to "6.…" is useless); long headers wrap and
-            # the overrides column takes what is left.
-            table.add_column(h, justify="left" if h in ("run", "status") else "right", min_width=widest)
-    for run, row in zip(runs, data.rows):
-        style = _STATUS_STYLE.get(run["status"], "")
-        row = list(row)
-        row[1] = f"[{style}]{row[1]}[/{style}]" if style else row[1]
-        table.add_row(*row)
-    return table
+
+def _wrap(lines: Sequence[str], width: Optional[int]) -> list[str]:
+    import textwrap
+
+    if width is None:
+        return list(lines)
+    return [w for text in lines for w in textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False)]
 
 
 def report_markdown(runs: Sequence[dict]) -> str:
@@ -316,7 +345,8 @@ def report_markdown(runs: Sequence[dict]) -> str:
     failed = [r for r in runs if r["status"] == "failed" and r["error"]]
     if failed:
         out += ["", "## Failures", ""]
-        out += [f"- `{r['run']}`: {r['error']}" for r in failed]
+        labels = dict(zip((r["dir"] for r in runs), run_labels(runs)))
+        out += [f"- `{labels[r['dir']]}` ({r['run']}): {r['error']}" for r in failed]
     bench = bench_sections(runs)
     if bench:
         out += ["", bench]
@@ -348,7 +378,7 @@ def write_report(runs: Sequence[dict], out_dir: os.PathLike | str) -> list[Path]
     written.append(out_dir / "report.json")
     atomic_write_text(out_dir / "report.md", report_markdown(runs))
     written.append(out_dir / "report.md")
-    with_curves = [(r["run"], r["dir"]) for r in runs if r.get("has_metrics")]
+    with_curves = [(label, r["dir"]) for label, r in zip(run_labels(runs), runs) if r.get("has_metrics")]
     if with_curves:
         written.append(plot_comparison(with_curves, out_dir / "loss_curves.png"))
     return written

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
-from llmx.report import collect_runs, report_markdown, report_table, write_report
+from llmx.report import collect_runs, report_markdown, report_text, run_labels, write_report
 from llmx.utils import LlmxError
 
 
@@ -38,12 +37,6 @@ def make_run(
     if error:
         (run_dir / "error.txt").write_text(error + "\nTraceback ...\n")
     return run_dir
-
-
-def _render(table) -> str:
-    console = Console(record=True, width=250, color_system=None)
-    console.print(table)
-    return console.export_text()
 
 
 def test_single_run_ok(tmp_path):
@@ -99,42 +92,75 @@ def test_missing_or_empty_paths(tmp_path):
     assert collect_runs([tmp_path / "empty"]) == []
 
 
+def _header(text: str) -> list[str]:
+    lines = text.splitlines()
+    return lines[lines.index("") + 1].split("  ")
+
+
 def test_report_table_columns(tmp_path):
     make_run(tmp_path / "s" / "0", lr=1e-3, overrides=["recipe=pretrain_tiny", "optim.lr=1e-3"])
     make_run(tmp_path / "s" / "1", lr=2e-3, overrides=["recipe=pretrain_tiny", "optim.lr=2e-3"],
              extra_final={"sparsity": 0.5})
     make_run(tmp_path / "s" / "2", final=False, error="boom", overrides=["recipe=pretrain_tiny", "optim.lr=3e-3"])
     runs = collect_runs([tmp_path / "s"])
-    table = report_table(runs)
-    headers = [c.header for c in table.columns]
-    assert headers[:7] == ["run", "status", "step", "final train loss", "val loss", "val ppl", "tokens/s"]
-    assert headers[-1] == "overrides"
+    text = report_text(runs, width=None)
+    headers = [h.strip() for h in _header(text) if h.strip()]
+    assert headers == ["run", "status", "step", "final train loss", "val loss", "val ppl", "tokens/s"]
     # sparsity is not in every run's metrics: not a column; peak_mem_gb is only in final.json
     # files, and the failed run has none, so it is not common either.
-    assert "sparsity" not in headers and "peak_mem_gb" not in headers
-    text = _render(table)
-    assert "optim.lr=2e-3" in text and "common overrides: recipe=pretrain_tiny" in text
-    assert "5.97" in text and "failed" in text and "15,000" in text
+    assert "pretrain_tiny optim.lr=2e-3" in text and "failed: pretrain_tiny optim.lr=3e-3: boom" in text
+    assert "5.97" in text and "failed" in text and "15,000" in text and "common overrides" not in text
+
+
+def test_labels_name_the_recipe_and_what_differs(tmp_path):
+    sweep = tmp_path / "multirun" / "x" / "2026-01-01_00-00-00"
+    for i, (lr, rank) in enumerate([(1e-3, 8), (1e-3, 16), (3e-3, 8)]):
+        make_run(sweep / str(i), overrides=["recipe=galore2_tiny", f"optim.lr={lr}", f"optim.rank={rank}",
+                                            "logger.progress=false", f"hydra.run.dir=/x/{i}"])
+    (sweep / "0" / "config.yaml").write_text("name: galore2_tiny\nseed: 0\n")
+    for stamp in ("2026-01-02_10-00-00", "2026-01-02_11-00-00"):  # the default recipe: named in config.yaml only
+        make_run(tmp_path / stamp, overrides=["logger.progress=false"])
+        (tmp_path / stamp / "config.yaml").write_text("name: pretrain_tiny\n")
+    runs = collect_runs([sweep])
+    assert run_labels(runs) == ["galore2_tiny optim.lr=0.001 optim.rank=8", "galore2_tiny optim.lr=0.001 optim.rank=16",
+                                "galore2_tiny optim.lr=0.003 optim.rank=8"]
+    twins = collect_runs([tmp_path / "2026-01-02_10-00-00", tmp_path / "2026-01-02_11-00-00"])
+    assert run_labels(twins) == ["pretrain_tiny (2026-01-02_10-00-00)", "pretrain_tiny (2026-01-02_11-00-00)"]
+    assert "pretrain_tiny (2026-01-02_11-00-00)" in report_markdown(twins)
+
+
+def test_report_fits_80_columns_by_wrapping_rows(tmp_path):
+    for i in range(3):
+        make_run(tmp_path / "s" / str(i), lr=1e-3 * (i + 1), extra_final={"parameters_of_the_student": 10 ** 7 + i},
+                 overrides=["recipe=cocomix_tiny", f"cocomix.method=kd seed={i} optim.lr={1e-3 * (i + 1)}",
+                            "cocomix.kd_temperature=2.0"])
+    runs = collect_runs([tmp_path / "s"])
+    wide = report_text(runs, width=None)
+    assert max(map(len, wide.splitlines())) > 80  # one line per run would not fit
+    text = report_text(runs, width=80)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80
+    for label in run_labels(runs):
+        assert label in lines  # a label on a line of its own, its values below it
+    assert "common overrides: recipe=cocomix_tiny" not in text and "cocomix.kd_temperature=2.0" in text
 
 
 def test_generic_common_numeric_keys(tmp_path):
     for i in range(2):
         make_run(tmp_path / "s" / str(i), extra_final={"sparsity": 0.5 * i, "note": "x"})
     runs = collect_runs([tmp_path / "s"])
-    table = report_table(runs)
-    headers = [c.header for c in table.columns]
+    text = report_text(runs, width=None)
+    headers = [h.strip() for h in _header(text)]
     assert "sparsity" in headers and "note" not in headers
     # Equal in every run: named once under the terminal table, a full column in report.md.
-    assert "peak_mem_gb" not in headers and "peak_mem_gb=0.5000" in _render(table)
-    assert "peak_mem_gb" in [c.header for c in report_table(runs, all_columns=True).columns]
+    assert "peak_mem_gb" not in headers and "peak_mem_gb=0.5000" in text
     assert "| peak_mem_gb |" in report_markdown(runs)
 
 
-def test_single_run_overrides_under_table(tmp_path):
+def test_single_run_label_carries_its_overrides(tmp_path):
     run = make_run(tmp_path / "r", overrides=["optim.lr=3e-3", "trainer.max_steps=30"])
-    table = report_table(collect_runs([run]))
-    assert [c.header for c in table.columns][-1] == "tokens/s"
-    assert "overrides: optim.lr=3e-3 trainer.max_steps=30" in _render(table)
+    text = report_text(collect_runs([run]), width=None)
+    assert "r optim.lr=3e-3 trainer.max_steps=30" in text
 
 
 def test_write_report(tmp_path):
