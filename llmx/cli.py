@@ -121,6 +121,15 @@ def run(
         cfgs = [compose(job) for job in jobs]
     except ConfigError as e:
         _fail(str(e), 2)
+    if cfg is None:
+        from llmx.launch import check_before_run
+        from llmx.utils import LlmxError
+
+        for i, job_cfg in enumerate(cfgs):
+            try:
+                check_before_run(job_cfg)
+            except LlmxError as e:
+                _fail(f"job {i} ({' '.join(jobs[i])}): {e}" if len(cfgs) > 1 else str(e), 2)
     if not multirun and cfgs[0].launcher.name.value == "slurm":
         # Hydra hands jobs to its launcher plugin only in multirun; one Slurm job is a sweep of one.
         typer.echo("llmx: launcher=slurm submits through Hydra's multirun (one job)")

@@ -103,6 +103,15 @@ def run_recipe(cfg) -> dict:
     return module.main(cfg)
 
 
+def check_before_run(cfg) -> None:
+    """The recipe kind's own checks (its module's check_config: ranges, paths, combinations) on a composed config,
+    so that the CLI refuses a bad value before Hydra makes a run directory or torchrun starts a process."""
+    kind = cfg.kind.value if hasattr(cfg.kind, "value") else str(cfg.kind)
+    check = getattr(importlib.import_module(kind_module(kind)), "check_config", None)
+    if check is not None:
+        check(cfg)
+
+
 def torchrun_command(cfg, run_dir: Path, node_rank_host: Optional[str] = None) -> List[str]:
     lc = cfg.launcher
     # torchrun through llmx.worker --torchrun: the same launcher, without its traceback after a rank's error.

@@ -58,3 +58,33 @@ def test_cli_refuses_before_any_run_directory_and_derives_the_micro_batch(tmp_pa
     proc = run_llmx(["run", "--dry-run", "launcher=torchrun", "launcher.nproc_per_node=8",
                      "trainer.micro_batch_size=4"], cwd=tmp_path)
     assert proc.returncode == 2 and "micro_batch_size can be 1, 2" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe, override, message", [
+    ("gsm_infinite_tiny", "bench.ops=[0]", "gsm_infinite: op=0 must be >= 1"),
+    ("spectral_journey_bench", "bench.ops=[1]", "op=1 nodes is outside 2-10"),
+    ("token_assorted_maze_bench", "bench.ops=[99]", "op=99 doors opened is outside 1-2"),
+    ("cocomix_tiny", "cocomix.method=foo", "cocomix.method='foo'; valid: cocomix, ntp, kd"),
+    ("cocomix_tiny", "cocomix.insert_layer=9", "outside the student's 4 blocks (valid: 0..3)"),
+    ("token_assorted_maze_tiny", "latent.variant=foo", "latent.variant='foo'; valid:"),
+    ("sharp_smollm2", "sparsify.sharp.rank=0", "sparsify.sharp.rank=0: must be >= 1"),
+    ("merge_models", "merge.models=[]", "merge.models is empty"),
+    ("sweet_rl_tiny", "rl.methods=[]", "rl.methods is empty; valid methods: zero_shot"),
+    ("natural_reasoning_smollm2", "synth.uses=[foo]", "unknown; valid: distill, rft, dpo"),
+])
+def test_each_kind_refuses_its_bad_values_before_work(recipe, override, message):
+    from llmx.launch import check_before_run
+    from llmx.utils import LlmxError
+
+    cfg = compose([f"recipe={recipe}", override])
+    with pytest.raises(LlmxError) as err:
+        check_before_run(cfg)
+    assert message in str(err.value)
+    if recipe != "merge_models":  # which models to merge is the user's to say
+        check_before_run(compose([f"recipe={recipe}"]))  # the recipe as shipped passes
+
+
+def test_a_kinds_error_leaves_no_run_directory(tmp_path):
+    proc = run_llmx(["run", "recipe=gsm_infinite_tiny", "bench.ops=[0]"], cwd=tmp_path)
+    assert proc.returncode == 2 and "op=0 must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Tuple
 
 from omegaconf import OmegaConf
 
-from llmx.bench.base import get_bench
+from llmx.bench.base import BenchError, get_bench
 from llmx.bench.dataset import build_plan, generate_dataset, load_bench
 from llmx.bench.metrics import markdown_table, plot_curves, score
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, sha256_text
@@ -50,6 +50,23 @@ def tokenizer_path(cfg) -> str:
         return pretrained_dir(cfg.model)
     raise LlmxError("generate-bench needs a tokenizer to measure lengths: set bench.tokenizer=<dir or hub id> "
                     "or a pretrained model group (model=smollm2_135m)")
+
+
+def check_config(cfg) -> None:
+    """Every cell of the plan asked of its generator (ops, lengths, subsets) and the sampling settings, before a
+    tokenizer or model is loaded (llmx.launch.check_before_run)."""
+    bench_cfg = cfg.bench
+    options = OmegaConf.to_container(bench_cfg.options, resolve=True)
+    bench = get_bench(bench_cfg.generator, **options)
+    subset_temperatures(cfg.evaluator, bench.subsets)
+    if bench_cfg.dataset_dir:
+        return
+    for cell in build_plan(list(bench_cfg.subsets), list(bench_cfg.lengths), _plain(bench_cfg.ops),
+                           bench_cfg.per_op, _plain(bench_cfg.ops_by_subset)):
+        try:
+            bench.check_request(cell.subset, cell.op, cell.length)
+        except BenchError as e:
+            raise LlmxError(f"bench.ops / bench.lengths / bench.subsets: {e}") from None
 
 
 def main(cfg) -> Dict[str, Any]:

@@ -32,6 +32,17 @@ from llmx.trainer.distributed import barrier, destroy_distributed, init_distribu
 from llmx.trainer.trainer import Trainer
 
 
+def check_config(cfg) -> None:
+    """The checks of the recipe file main() hands cfg to, before any work (llmx.launch.check_before_run)."""
+    if cfg.cocomix.method:
+        from llmx.recipes.cocomix import check_config as check
+    elif str(getattr(cfg.data.source, "value", cfg.data.source)) == "latent_cot":
+        from llmx.recipes.token_assorted import check_config as check
+    else:
+        return
+    check(cfg)
+
+
 def main(cfg) -> dict:
     if cfg.cocomix.method:
         # CoCoMix and its baselines: teacher, SAE, concept labels and the student in one file.

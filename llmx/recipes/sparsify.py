@@ -41,6 +41,14 @@ from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_di
 
 
 
+def check_config(cfg) -> None:
+    """SHARP's checks (its layer spec waits for the model), before any work (llmx.launch.check_before_run)."""
+    if enum_value(cfg.sparsify.method) == "sharp":
+        from llmx.recipes.sharp import check_config as check
+
+        check(cfg)
+
+
 def main(cfg) -> Dict[str, Any]:
     sp = cfg.sparsify
     run_dir = Path(cfg.run_dir)
