@@ -55,27 +55,31 @@ def _config_sweep_params(overrides: List[str]) -> List[str]:
     from llmx.config.compose import compose, expand_sweep
 
     first_job = expand_sweep(overrides)[0]  # the recipe (and so its sweeper params) may itself be swept
-    params = compose(first_job, return_hydra_config=True).hydra.sweeper.get("params") or {}
+    params = compose(first_job, return_hydra_config=True, check_values=False).hydra.sweeper.get("params") or {}
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     return [f"{k}={v}" for k, v in params.items() if k not in given]
 
 
-def _fit_micro_batch(overrides: List[str]) -> List[str]:
+def _fit_micro_batch(overrides: List[str], jobs: List[List[str]]) -> List[str]:
     """A launch over N processes whose micro-batch the user did not set gets the largest one that splits the
-    batch evenly (the recipe's micro-batch is a single-process choice), said once, before torchrun starts."""
+    batch evenly (the recipe's micro-batch is a single-process choice), said once, before torchrun starts. In a
+    sweep, only when every job that needs one needs the same; otherwise each job's check names its choices."""
     from llmx.config.checks import derived_micro_batch, world_size
     from llmx.config.compose import compose
 
     if _has_override(overrides, "trainer.micro_batch_size"):
         return overrides
-    cfg = compose(overrides, check_values=False)
-    if "trainer" not in cfg or world_size(cfg) == 1:
+    changes = set()
+    for job in jobs:
+        cfg = compose(job, check_values=False)
+        if "trainer" in cfg and world_size(cfg) > 1 and derived_micro_batch(cfg) != cfg.trainer.micro_batch_size:
+            changes.add((derived_micro_batch(cfg), cfg.trainer.micro_batch_size, cfg.trainer.batch_size,
+                         world_size(cfg)))
+    if len({c[0] for c in changes}) != 1:
         return overrides
-    micro = derived_micro_batch(cfg)
-    if micro == cfg.trainer.micro_batch_size:
-        return overrides
-    typer.echo(f"llmx: trainer.micro_batch_size={micro} (the recipe's {cfg.trainer.micro_batch_size} does not split "
-               f"trainer.batch_size={cfg.trainer.batch_size} over {world_size(cfg)} processes; set it to choose)")
+    micro, configured, batch, world = changes.pop()
+    typer.echo(f"llmx: trainer.micro_batch_size={micro} (the recipe's {configured} does not split "
+               f"trainer.batch_size={batch} over {world} processes; set it to choose)")
     return overrides + [f"trainer.micro_batch_size={micro}"]
 
 
@@ -115,9 +119,11 @@ def run(
 
     # Validate every job's config before any work starts, with llmx's own error messages.
     try:
-        if not multirun:
-            overrides = _fit_micro_batch(overrides)
         jobs = expand_sweep(overrides + _config_sweep_params(overrides)) if multirun else [overrides]
+        fitted = _fit_micro_batch(overrides, jobs)
+        if fitted != overrides:
+            overrides = fitted
+            jobs = [job + overrides[-1:] for job in jobs]
         cfgs = [compose(job) for job in jobs]
     except ConfigError as e:
         _fail(str(e), 2)

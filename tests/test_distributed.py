@@ -76,3 +76,45 @@ def test_fsdp_resume_after_sigkill_is_bitwise(runs):
     assert max(train_losses(killed)) <= 10 and (killed / "checkpoints" / "step_00000008").is_dir()
     run_llmx(["run", *TINY, *FSDP, f"hydra.run.dir={killed}", "resume=auto"], cwd=tmp, check=True)
     assert train_losses(killed) == train_losses(fsdp)
+
+
+def _readme_launch_commands():
+    """The commands of the README's "Distributed runs" section, joined across backslash continuations."""
+    import re
+
+    from conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("## Distributed runs", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    lines = " ".join(b.replace("\\\n", " ") for b in blocks).replace("\n", " \n ").split("\n")
+    return [" ".join(line.split("#", 1)[0].split()) for line in lines if line.split("#", 1)[0].strip()]
+
+
+def test_the_readmes_launch_commands_run(tmp_path):
+    """Each command of the README's distributed section, as written, at 2 processes (8 on 2 CPU cores would only be
+    slow) on the tiny test model; the multi-node and Slurm ones validated (--dry-run), as one machine cannot run
+    them."""
+    import re
+    import shlex
+    import sys
+
+    commands = _readme_launch_commands()
+    assert len(commands) == 4, commands
+    small = [*TINY[1:], "trainer.max_steps=2", "trainer.export_hf=false"]  # TINY[0] is the recipe: the README's
+    for i, command in enumerate(commands):
+        argv = shlex.split(re.sub(r"(nproc_per_node|nnodes)=8\b", r"\1=2", command).replace("$HEAD_NODE", "127.0.0.1"))
+        if argv[0] == "torchrun":  # the user's own torchrun running `llmx run` in every rank
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:]]
+            argv = [a.replace("hydra.run.dir=outputs/x/run1", f"hydra.run.dir={tmp_path / 'own'}") for a in argv]
+            import subprocess
+
+            proc = subprocess.run([*argv, *small], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert (tmp_path / "own" / "final.json").is_file()
+            continue
+        assert argv[0] == "llmx"
+        if "launcher.nnodes=2" in argv or "launcher=slurm" in argv:
+            proc = run_llmx(["run", "--dry-run", *argv[2:]], cwd=tmp_path)
+        else:
+            proc = run_llmx([*argv[1:], *small, f"hydra.run.dir={tmp_path / str(i)}"], cwd=tmp_path)
+        assert proc.returncode == 0, command + "\n" + proc.stdout + proc.stderr
