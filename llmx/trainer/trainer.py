@@ -251,9 +251,9 @@ class Trainer:
             return
         listing = "\n  ".join(changes)
         if not self.cfg.get("resume_force", False):
-            raise LlmxError(f"resume from {path}: this run's config differs from the checkpoint's in settings that change "
-                            f"the run:\n  {listing}\nRun with the checkpoint's values, or add resume_force=true to go on "
-                            f"with the new ones.")
+            raise LlmxError(f"resume from {path}: this run's config differs from the checkpoint's in settings "
+                            f"that change the run:\n  {listing}\nRun with the checkpoint's values, or add "
+                            f"resume_force=true to go on with the new ones.")
         self.say(f"resume_force=true: continuing with settings that differ from the checkpoint's:\n  {listing}")
 
     # ------------------------------------------------------------------ pieces
