@@ -325,7 +325,7 @@ def test_training_stages_under_fsdp_match_one_process(smoke_run, offline_file, t
                      "rl.mtdpo.micro_batch_size=2",
                      "launcher=torchrun", "launcher.nproc_per_node=2", f"hydra.run.dir={fsdp}"],
                     cwd=REPO, timeout=600, check=True)
-    assert "torch.distributed.run" in proc.stdout
+    assert "llmx.worker --torchrun --nproc_per_node=2" in proc.stdout
     for stage in ("warmstart", "mtdpo"):
         a, b = ({r["step"]: r["loss"] for r in read_metrics(run / stage) if "loss" in r} for run in (single, fsdp))
         assert a and sorted(a) == sorted(b), stage

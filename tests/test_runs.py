@@ -119,11 +119,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_sweep_runs_every_job_and_reports_the_failing_one(tmp_path):
     sweep = tmp_path / "sweep"
+    # A value that cannot work is refused for the whole sweep before any job runs.
+    proc = run_llmx(["run", "-m", *TINY, "trainer.batch_size=8,6", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "trainer.batch_size=6 is not divisible" in proc.stderr and not sweep.exists()
+    # A job that fails while running (resume=latest without a checkpoint) is reported; the others still run.
     proc = run_llmx(["run", "-m", *TINY, "trainer.max_steps=4", "trainer.ckpt_every=0", "trainer.export_hf=false",
-                     "trainer.batch_size=8,6", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+                     "resume=null,latest", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 1
     assert "1 ok, 1 not ok" in proc.stdout
-    assert "batch_size=6" in proc.stderr or "batch_size=6" in proc.stdout
+    assert "no complete checkpoint" in proc.stderr
     assert (sweep / "0" / "final.json").is_file() and not (sweep / "1" / "final.json").exists()
     assert (sweep / "1" / "error.txt").is_file()
     rep = run_llmx(["report", str(sweep)], cwd=tmp_path, check=True)
