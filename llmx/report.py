@@ -312,7 +312,7 @@ def report_text(runs: Sequence[dict], width: Optional[int] = 80) -> str:
     if data.constants:
         label = "same in every run" if len(runs) > 1 else "also"
         notes.append(f"{label}: " + ", ".join(f"{k}={v}" for k, v in data.constants))
-    failed = [(label, r) for label, r in zip(run_labels(runs), runs) if r["status"] == "failed" and r["error"]]
+    failed = [(row[0], r) for row, r in zip(data.rows, runs) if r["status"] == "failed" and r["error"]]
     notes += [f"failed: {label}: {r['error']}" for label, r in failed]
     if notes:
         out.append("")
@@ -345,7 +345,7 @@ def report_markdown(runs: Sequence[dict]) -> str:
     failed = [r for r in runs if r["status"] == "failed" and r["error"]]
     if failed:
         out += ["", "## Failures", ""]
-        labels = dict(zip((r["dir"] for r in runs), run_labels(runs)))
+        labels = {r["dir"]: row[0] for r, row in zip(runs, data.rows)}
         out += [f"- `{labels[r['dir']]}` ({r['run']}): {r['error']}" for r in failed]
     bench = bench_sections(runs)
     if bench:
