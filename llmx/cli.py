@@ -202,8 +202,8 @@ def list_cmd(
     cpu: bool = typer.Option(False, "--cpu", help="only recipes that fit 2 CPU cores"),
     by: str = typer.Option("paper", help="group by paper or kind"),
 ):
-    """Every recipe, one line each, grouped by paper: kind, where it runs (cpu with its measured time, or gpu),
-    description. `llmx show recipe=X` prints one recipe in full."""
+    """Every recipe, one line each, grouped by paper: kind, cpu or gpu, description. `llmx show recipe=X` prints one
+    recipe in full, with its measured CPU time."""
     from llmx.catalog import render_list, select
     from llmx.config.compose import list_recipes
     from llmx.utils import LlmxError
