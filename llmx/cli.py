@@ -36,11 +36,11 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _compose_or_exit(overrides: List[str]):
+def _compose_or_exit(overrides: List[str], check_values: bool = True):
     from llmx.config.compose import ConfigError, compose
 
     try:
-        return compose(overrides)
+        return compose(overrides, check_values=check_values)
     except ConfigError as e:
         _fail(str(e), 2)
 
@@ -233,7 +233,7 @@ def show(ctx: typer.Context):
     from llmx.catalog import describe
     from llmx.config.compose import list_recipes
 
-    cfg = _compose_or_exit(list(ctx.args))
+    cfg = _compose_or_exit(list(ctx.args), check_values=False)  # a description, not a run: model.path may be unset
     row = next((r for r in list_recipes() if r["name"] == cfg.name), None)
     if row is not None:
         typer.echo(describe(row))

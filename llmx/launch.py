@@ -170,6 +170,10 @@ def run_job(cfg, run_dir: Path) -> JobResult:
     (run_dir / "error.txt").unlink(missing_ok=True)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+        local = Path(cfg.model.path).expanduser() if "model" in cfg and cfg.model.get("path") else None
+        if local is not None and local.exists():
+            # Absolute in config.yaml: a later run that chains from this one reads it from another directory.
+            cfg.model.path = str(local.resolve())
     launcher = cfg.launcher.name.value if hasattr(cfg.launcher.name, "value") else str(cfg.launcher.name)
     try:
         save_run_files(cfg, run_dir)

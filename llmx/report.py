@@ -68,19 +68,21 @@ def _read_overrides(run_dir: Path) -> list[str]:
     return [str(x) for x in data] if isinstance(data, list) else []
 
 
-def _recipe_name(run_dir: Path, overrides: Sequence[str]) -> Optional[str]:
-    """The recipe a run ran: `name` in its saved config, else its recipe= override."""
+def _saved_config(run_dir: Path, overrides: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+    """(the recipe a run ran, its model.path): `name` in its saved config, else its recipe= override."""
     import yaml
 
+    name = model_path = None
     path = run_dir / "config.yaml"
     if path.is_file():
         try:
-            name = (yaml.safe_load(path.read_text()) or {}).get("name")
-            if isinstance(name, str) and name:
-                return name
+            cfg = yaml.safe_load(path.read_text()) or {}
+            name, model_path = cfg.get("name"), (cfg.get("model") or {}).get("path")
         except (yaml.YAMLError, AttributeError):
             pass
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
+    if not (isinstance(name, str) and name):
+        name = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
+    return name, model_path if isinstance(model_path, str) else None
 
 
 def _last_values(records: Iterable[dict]) -> dict:
@@ -134,10 +136,12 @@ def collect_run(run_dir: Path, label: Optional[str] = None) -> dict:
         step = _last_values(records).get("step")
     status = _status(run_dir)
     overrides = _read_overrides(run_dir)
+    recipe, model_path = _saved_config(run_dir, overrides)
     return {
         "run": label or run_dir.name,
         "dir": str(run_dir),
-        "recipe": _recipe_name(run_dir, overrides),
+        "recipe": recipe,
+        "model_path": model_path,
         "overrides": overrides,
         "status": status,
         "step": step,
@@ -216,8 +220,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# Overrides that say how a run was run, not what it computed: never part of a label.
-_NOT_IN_LABELS = ("hydra.", "logger.", "resume", "launcher.", "recipe=")
+# Overrides that say how a run was run, not what it computed, or that the "from" column shows: never in a label.
+_NOT_IN_LABELS = ("hydra.", "logger.", "resume", "launcher.", "recipe=", "model.path=", "model=run")
 
 
 def _split_overrides(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -230,12 +234,55 @@ def _split_overrides(runs: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def run_labels(runs: Sequence[dict]) -> list[str]:
-    """Each run by its recipe and the overrides in which it differs from the others (a sweep's jobs by their
-    swept values); runs that would read alike get their directory's name."""
-    _, differing = _split_overrides(runs)
+    """Each run by its recipe and the overrides in which it differs from the other runs of that recipe (a sweep's
+    jobs by their swept values; a recipe met once among several, as in a chain of runs, by its name; a lone run by
+    all its overrides); runs that would read alike get their directory's name."""
+    by_recipe: dict = {}
+    for i, r in enumerate(runs):
+        by_recipe.setdefault(r.get("recipe") or Path(r["dir"]).name, []).append(i)
+    differing: list = [[] for _ in runs]
+    for name, idx in by_recipe.items():
+        if len(idx) > 1 or len(runs) == 1:
+            for i, d in zip(idx, _split_overrides([runs[i] for i in idx])[1]):
+                differing[i] = d
     labels = [" ".join([r.get("recipe") or Path(r["dir"]).name] + d) for r, d in zip(runs, differing)]
     return [f"{label} ({Path(r['dir']).name})" if labels.count(label) > 1 else label
             for label, r in zip(labels, runs)]
+
+
+def _sources(runs: Sequence[dict], labels: Sequence[str]) -> list[str]:
+    """What each run's model.path names: the label of a compared run (the run itself or an output inside it, as
+    llmx.models.runs reads them), else the path's last parts; "-" without one."""
+    dirs = {Path(r["dir"]).resolve(): label for r, label in zip(runs, labels)}
+    out = []
+    for r in runs:
+        path = r.get("model_path")
+        if not path:
+            out.append("-")
+            continue
+        p = Path(path).expanduser().resolve()
+        owner = next((dirs[d] for d in (p, *p.parents[:2]) if d in dirs), None)
+        out.append(owner or "/".join(Path(path).parts[-2:]))
+    return out
+
+
+# A run's headline result from its final.json, for the kinds whose metrics are not the trainer's: first match.
+def _result(final: dict) -> str:
+    parts = []
+    levels = sorted(k[len("ppl@"):] for k in final if k.startswith("ppl@") and _is_number(final[k]))
+    for level in levels:
+        ratio = final.get(f"ppl_ratio@{level}")
+        parts.append(f"ppl {_fmt(final[f'ppl@{level}'])} at {float(level):.0%}"
+                     + (f" ({ratio:.3f}x dense)" if _is_number(ratio) else ""))
+    if _is_number(final.get("ppl_text")):
+        ratio = final.get("text_ratio")
+        parts.append(f"ppl {_fmt(final['ppl_text'])}" + (f" ({ratio:.3f}x original)" if _is_number(ratio) else ""))
+    if _is_number(final.get("mlp_reduction")):
+        parts.append(f"MLP weights -{final['mlp_reduction']:.1%}")
+    if _is_number(final.get("acc")):
+        n = final.get("problems_evaluated")
+        parts.append(f"accuracy {final['acc']:.3f}" + (f" (n={n})" if _is_number(n) else ""))
+    return ", ".join(parts) or "-"
 
 
 def _common_dir(runs: Sequence[dict]) -> str:
@@ -273,9 +320,16 @@ def table_data(runs: Sequence[dict], all_columns: bool = True) -> TableData:
                 constants.append((col.header, values.pop()))
         cols = shown
     common, _ = _split_overrides(runs)
-    headers = ["run", "status", "step"] + [c.header for c in cols]
-    rows = [[label, run["status"], _fmt(run["step"])] + [_fmt(c.get(run)) for c in cols]
-            for run, label in zip(runs, run_labels(runs))]
+    labels = run_labels(runs)
+    extra = []  # (header, value per run): a chain's source and the results that are not trainer metrics
+    if any(r.get("model_path") for r in runs):
+        extra.append(("from", _sources(runs, labels)))
+    results = [_result(r["final"]) for r in runs]
+    if any(x != "-" for x in results):
+        extra.append(("result", results))
+    headers = ["run", "status", "step"] + [h for h, _ in extra] + [c.header for c in cols]
+    rows = [[label, run["status"], _fmt(run["step"])] + [v[i] for _, v in extra] + [_fmt(c.get(run)) for c in cols]
+            for i, (run, label) in enumerate(zip(runs, labels))]
     return TableData(headers, rows, common, _common_dir(runs), constants)
 
 
@@ -287,8 +341,10 @@ def report_text(runs: Sequence[dict], width: Optional[int] = 80) -> str:
     value_headers, value_rows = data.headers[1:], [row[1:] for row in data.rows]
     widths = [max(len(h), *(len(r[i]) for r in value_rows)) for i, h in enumerate(value_headers)]
 
+    text_cols = {i for i, h in enumerate(value_headers) if h in ("status", "from", "result")}
+
     def line(cells, cols):
-        return "  ".join(cells[i].ljust(widths[i]) if i == 0 else cells[i].rjust(widths[i]) for i in cols)
+        return "  ".join(cells[i].ljust(widths[i]) if i in text_cols else cells[i].rjust(widths[i]) for i in cols)
 
     every = range(len(widths))
     label_w = max(len(h) for h in [data.headers[0]] + [row[0] for row in data.rows])
@@ -305,7 +361,8 @@ def report_text(runs: Sequence[dict], width: Optional[int] = 80) -> str:
             groups[-1].append(i)
         out += [data.headers[0]] + ["  " + line(value_headers, g) for g in groups]
         for row, values in zip(data.rows, value_rows):
-            out += [row[0]] + ["  " + line(values, g) for g in groups]
+            # A group with nothing for this run (a sparsify run under the trainer's columns) is left out.
+            out += [row[0]] + ["  " + line(values, g) for g in groups if any(values[i] != "-" for i in g)]
     notes = []
     if data.common_overrides:
         notes.append(f"common overrides: {' '.join(data.common_overrides)}")

@@ -254,6 +254,8 @@ class HFBackend(Backend):
                 "model": self.name,
                 "model_config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
                 "weights": _weights_digest(self.model),
+                # The module tree as printed: an R-Sparse artifact changes no weight, only its layers' settings.
+                "modules": hashlib.sha256(repr(self.model).encode()).hexdigest()[:16],
                 "dtype": str(self.model.dtype).replace("torch.", ""),
                 "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
                 "system_prompt": self.system_prompt,

@@ -77,9 +77,9 @@ def derived_micro_batch(cfg) -> int:
     return fits[-1] if fits else t.micro_batch_size
 
 
-def problems(cfg, batch_split: bool = True) -> List[str]:
+def problems(cfg, batch_split: bool = True, model_path: bool = True) -> List[str]:
     """Every shared value of `cfg` outside its range, one message each (batch_split: and whether the batch splits
-    over the launch's processes)."""
+    over the launch's processes; model_path: and whether model.path names what the model's source needs)."""
     out = []
     for key, (ok, valid) in RANGES.items():
         value, present = _select(cfg, key)
@@ -88,6 +88,8 @@ def problems(cfg, batch_split: bool = True) -> List[str]:
     betas, present = _select(cfg, "optim.betas")
     if present and betas is not None and not (len(betas) == 2 and all(_non_negative(b) and b < 1 for b in betas)):
         out.append(f"optim.betas={list(betas)}: must be two numbers in [0, 1)")
+    if "model" in cfg:
+        out += model_problems(cfg.model, model_path)
     if batch_split and not out and "trainer" in cfg:
         t, world = cfg.trainer, world_size(cfg)
         if t.batch_size % (t.micro_batch_size * world):
@@ -98,3 +100,41 @@ def problems(cfg, batch_split: bool = True) -> List[str]:
                        f"{t.micro_batch_size} x {world} process(es) = {t.micro_batch_size * world}; {hint}")
     return out
 
+
+
+def model_problems(model, path: bool = True) -> List[str]:
+    """model.path, model.level and model.token_mode: an llmx run in model.path is resolved here (small files only),
+    so a run without a model, an ambiguous or absent level, or a failed run is refused before any work."""
+    from llmx.models.runs import find_output
+    from llmx.utils import LlmxError
+
+    out = []
+    source = getattr(model.source, "value", model.source)
+    if source == "preset" and model.path:
+        out.append(f"model.path={model.path!r} is set but model.source=preset builds a new model from the preset's "
+                   "shape; to start from those weights use model=run (or model.source=hf)")
+    level, token_mode = model.get("level"), model.get("token_mode")
+    if level is not None and not (_positive(level) and level < 1):
+        out.append(f"model.level={level!r}: must be a sparsity in (0, 1), one an R-Sparse/TEAL run saved")
+    if token_mode is not None:
+        from llmx.sparse.rsparse import TOKEN_MODES  # torch: only when a token mode is asked for
+    if token_mode is not None and token_mode not in TOKEN_MODES:
+        out.append(f"model.token_mode={token_mode!r}: must be one of {list(TOKEN_MODES)}, or null")
+    if path and not out and source != "preset":
+        try:
+            found = find_output(model.path, level)
+        except LlmxError as e:
+            return [str(e)]
+        if found is None and source == "hf":
+            from llmx.models.pretrained import hf_location
+
+            try:
+                hf_location(model)
+            except LlmxError as e:
+                return [str(e)]
+        if found is None and token_mode is not None:
+            out.append(f"model.token_mode={token_mode!r} applies to an R-Sparse/TEAL run in model.path; "
+                       f"model.path={model.path!r} is not one")
+        elif found is not None and found.kind != "rsparse" and token_mode is not None:
+            out.append(f"model.token_mode={token_mode!r} applies to an R-Sparse/TEAL artifact; {found.what} is not one")
+    return out

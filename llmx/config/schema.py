@@ -64,6 +64,10 @@ class ModelConfig:
     dtype: str = "float32"  # dtype the weights are held in for training (bf16 autocast is separate)
     attn_implementation: str = "sdpa"
     init_device: InitDevice = InitDevice.auto
+    # An earlier llmx run in `path` (llmx.models.runs): which sparsity level of an R-Sparse/TEAL run to load, and
+    # the token mode its sparse layers run in (null: the mode the artifact was evaluated with).
+    level: Optional[float] = None
+    token_mode: Optional[str] = None
 
 
 class DataSource(str, Enum):

@@ -117,8 +117,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         export_hf(model, tokenizer, out, dtype=torch.float32)
 
 
-def pretrained_dir(model_cfg: Any) -> str:
-    """A directory (or hub id) that `from_pretrained` reads; converts a GGUF file on first use."""
+def hf_location(model_cfg: Any) -> str:
+    """model.path of a source=hf model: an existing directory, or what looks like a hub id ("org/name")."""
+    if not model_cfg.path:
+        raise LlmxError(f"model {model_cfg.name}: source=hf needs model.path (a directory, a hub id or an llmx run)")
+    path = Path(model_cfg.path).expanduser()
+    if path.exists():
+        return str(path)
+    # Hub ids look like "org/name"; anything else that does not exist is a wrong local path.
+    if path.is_absolute() or model_cfg.path.startswith((".", "~")) or model_cfg.path.count("/") > 1:
+        raise LlmxError(f"model {model_cfg.name}: model.path={model_cfg.path!r} does not exist")
+    return model_cfg.path
+
+
+def pretrained_dir(model_cfg: Any, weights: bool = True) -> str:
+    """A directory (or hub id) that `from_pretrained` reads; converts a GGUF file on first use. An llmx run in
+    model.path (llmx.models.runs) gives its output's directory; weights=False when only the tokenizer or the
+    config is read, which a SHARP or R-Sparse output also has."""
+    from llmx.models.runs import find_output, output_dir
+
+    out = find_output(model_cfg.path, getattr(model_cfg, "level", None))
+    if out is not None:
+        return output_dir(out, model_cfg, weights)
     source = ModelSource(model_cfg.source)
     if source == ModelSource.gguf:
         gguf = find_gguf(model_cfg)
@@ -127,21 +147,20 @@ def pretrained_dir(model_cfg: Any) -> str:
             _convert_gguf(gguf, out)
         return str(out)
     if source == ModelSource.hf:
-        if not model_cfg.path:
-            raise LlmxError(f"model {model_cfg.name}: source=hf needs model.path (a directory or hub id)")
-        path = Path(model_cfg.path).expanduser()
-        if path.exists():
-            return str(path)
-        # Hub ids look like "org/name"; anything else that does not exist is a wrong local path.
-        if path.is_absolute() or model_cfg.path.startswith((".", "~")) or model_cfg.path.count("/") > 1:
-            raise LlmxError(f"model {model_cfg.name}: model.path={model_cfg.path!r} does not exist")
-        return model_cfg.path
+        return hf_location(model_cfg)
     raise LlmxError(f"model {model_cfg.name}: source={source.value} has no pretrained weights")
 
 
 def load_pretrained(model_cfg: Any):
-    """(model, tokenizer) for source=hf or gguf, in model_cfg.dtype, as a plain trainable module."""
+    """(model, tokenizer) for source=hf or gguf, or an earlier llmx run in model.path (llmx.models.runs), in
+    model_cfg.dtype, as a plain trainable module."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmx.models.runs import find_output, load_output
+
+    out = find_output(model_cfg.path, getattr(model_cfg, "level", None))
+    if out is not None:
+        return load_output(out, model_cfg)
 
     dtype = resolve_dtype(model_cfg.dtype)
     where = pretrained_dir(model_cfg)

@@ -151,7 +151,7 @@ def main(cfg) -> Dict[str, Any]:
             if c.method in ("ntp", "pause"):  # the teacher's tokenizer only: no teacher weights in memory
                 from transformers import AutoTokenizer
 
-                teacher, tok = None, AutoTokenizer.from_pretrained(pretrained_dir(c.teacher))
+                teacher, tok = None, AutoTokenizer.from_pretrained(pretrained_dir(c.teacher, weights=False))
             else:
                 teacher, tok = load_pretrained(c.teacher)
             tok = build_tokenizer(cfg.data, model_tokenizer=tok)

@@ -47,7 +47,7 @@ def tokenizer_path(cfg) -> str:
     if cfg.model.source in ("hf", "gguf"):
         from llmx.models.pretrained import pretrained_dir
 
-        return pretrained_dir(cfg.model)
+        return pretrained_dir(cfg.model, weights=False)
     raise LlmxError("generate-bench needs a tokenizer to measure lengths: set bench.tokenizer=<dir or hub id> "
                     "or a pretrained model group (model=smollm2_135m)")
 

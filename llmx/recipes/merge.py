@@ -186,8 +186,17 @@ def check_config(cfg) -> None:
 
 
 def _resolve(path: str, key: str) -> Path:
-    """A local directory for the input merge.<key>: the directory itself, or a hub snapshot (downloaded)."""
+    """A local directory for the input merge.<key>: the directory itself (an earlier llmx run: its hf/ or merged/
+    output, llmx.models.runs), or a hub snapshot (downloaded)."""
+    from llmx.models.runs import find_output
+
     p = Path(path).expanduser()
+    out = find_output(p)
+    if out is not None:
+        if out.kind != "hf":
+            raise LlmxError(f"merge.{key}={path}: {out.what} is not a full set of weights; merging reads Hugging Face "
+                            "directories (a trainer run's hf/, a merge's merged/)")
+        return out.path
     if p.is_dir():
         return p.resolve()
     from huggingface_hub import snapshot_download

@@ -36,8 +36,12 @@ def check_config(cfg) -> None:
     """The checks of the recipe file main() hands cfg to, before any work (llmx.launch.check_before_run)."""
     if cfg.cocomix.method:
         from llmx.recipes.cocomix import check_config as check
+    elif cfg.sae.train:
+        from llmx.recipes.sae import check_config as check
     elif str(getattr(cfg.data.source, "value", cfg.data.source)) == "latent_cot":
         from llmx.recipes.token_assorted import check_config as check
+    elif str(getattr(cfg.data.source, "value", cfg.data.source)) == "graph_paths":
+        from llmx.recipes.spectral_journey import check_config as check
     else:
         return
     check(cfg)

@@ -40,21 +40,26 @@ from llmx.trainer.trainer import Trainer, count_targets
 from llmx.utils import LlmxError, add_to_final, atomic_write_json, cache_dir
 
 
-def check_config(cfg, num_layers: int, hidden: int) -> None:
+def check_config(cfg) -> None:
+    """The SAE's own values, before any work (llmx.launch.check_before_run); check_shape waits for the model."""
     s = cfg.sae
-    if not 0 <= s.layer < num_layers:
-        raise LlmxError(f"sae.layer={s.layer} is outside {cfg.model.name}'s {num_layers} blocks "
-                        f"(valid: 0..{num_layers - 1})")
     if not 1 <= s.k <= s.n_latents:
         raise LlmxError(f"sae.k={s.k} must be in [1, sae.n_latents={s.n_latents}]")
-    if s.n_latents < hidden:
-        raise LlmxError(f"sae.n_latents={s.n_latents} is below {cfg.model.name}'s width {hidden}: an SAE "
-                        "dictionary is overcomplete (4-64x the width is usual)")
     if not 0 <= s.skip_first < cfg.data.seq_len:
         raise LlmxError(f"sae.skip_first={s.skip_first} must be in [0, data.seq_len={cfg.data.seq_len})")
     for key in ("init_blocks", "eval_blocks", "dead_tokens"):
         if getattr(s, key) < 1:
             raise LlmxError(f"sae.{key}={getattr(s, key)} must be >= 1")
+
+
+def check_shape(cfg, num_layers: int, hidden: int) -> None:
+    s = cfg.sae
+    if not 0 <= s.layer < num_layers:
+        raise LlmxError(f"sae.layer={s.layer} is outside {cfg.model.name}'s {num_layers} blocks "
+                        f"(valid: 0..{num_layers - 1})")
+    if s.n_latents < hidden:
+        raise LlmxError(f"sae.n_latents={s.n_latents} is below {cfg.model.name}'s width {hidden}: an SAE "
+                        "dictionary is overcomplete (4-64x the width is usual)")
 
 
 def sae_dir(cfg) -> Path:
@@ -75,7 +80,8 @@ def main(cfg) -> Dict[str, Any]:
         raise LlmxError("the SAE recipe runs in one process (the SAE is small next to the model it reads); "
                         "use launcher=local and more blocks per step (trainer.batch_size)")
     meta = build_model(cfg.model, vocab_size=cfg.model.vocab_size or 8, device="meta")
-    check_config(cfg, len(teacher_blocks(meta)), meta.config.hidden_size)
+    check_config(cfg)
+    check_shape(cfg, len(teacher_blocks(meta)), meta.config.hidden_size)
     info = init_distributed(cfg.trainer.device)
     hooks = []
     try:

@@ -267,7 +267,7 @@ def main(cfg) -> Dict[str, Any]:
         print(f"llmx: reference={reference} is a control: no compact checkpoint", flush=True)
 
     # 8. The table.
-    orig = rows[0]
+    orig, shared = rows[0], [r for r in rows if not r["variant"].startswith("control")][-1]
     for r in rows:
         r["text_ratio"] = r["ppl_text"] / orig["ppl_text"]
         r["instruct_ratio"] = r["ppl_instruct"] / orig["ppl_instruct"]
@@ -278,7 +278,9 @@ def main(cfg) -> Dict[str, Any]:
     atomic_write_text(run_dir / "results.md", table)
     atomic_write_json(run_dir / "results.json", final)
     summary = {"mlp_reduction": storage["mlp_reduction"], "ppl_text_original": orig["ppl_text"],
-               "ppl_instruct_original": orig["ppl_instruct"]}
+               "ppl_instruct_original": orig["ppl_instruct"],
+               # The shared model's last stage: the one compact/ holds, which a later run reads (llmx.models.runs).
+               "variant": shared["variant"], "ppl_text": shared["ppl_text"], "text_ratio": shared["text_ratio"]}
     for r in rows[1:]:
         summary[f"text_ratio[{r['variant']}]"] = r["text_ratio"]
         summary[f"instruct_ratio[{r['variant']}]"] = r["instruct_ratio"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from omegaconf import OmegaConf
 
 from llmx.data import build_datasets, build_tokenizer
 from llmx.models import load_pretrained
@@ -42,11 +43,36 @@ from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_di
 
 
 def check_config(cfg) -> None:
-    """SHARP's checks (its layer spec waits for the model), before any work (llmx.launch.check_before_run)."""
-    if enum_value(cfg.sparsify.method) == "sharp":
+    """Every R-Sparse/TEAL value, and SHARP's checks (its layer spec waits for the model), before any work
+    (llmx.launch.check_before_run; main runs it again for callers without the launcher)."""
+    sp = cfg.sparsify
+    method, allocation = enum_value(sp.method), enum_value(sp.allocation)
+    if method == "sharp":
         from llmx.recipes.sharp import check_config as check
 
-        check(cfg)
+        return check(cfg)
+    bad = [x for x in sp.levels if not 0.0 < float(x) < 1.0]
+    if not sp.levels or bad:
+        raise LlmxError(f"sparsify.levels={list(sp.levels)}: each must be a model-level sparsity in (0, 1)")
+    if method == "teal" and allocation == "search":
+        raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
+    if method == "rsparse" and allocation == "greedy":
+        raise LlmxError("sparsify.allocation=greedy is TEAL's (alpha = 1); R-Sparse uses search or uniform")
+    if not 0.0 < sp.greedy_step < 1.0:
+        raise LlmxError(f"sparsify.greedy_step={sp.greedy_step}: must be a step in (0, 1)")
+    if not 0.0 <= sp.alpha <= 1.0:
+        raise LlmxError(f"sparsify.alpha={sp.alpha}: must be a share of the budget in [0, 1]")
+    if not 0.0 < sp.token_fraction <= 1.0:
+        raise LlmxError(f"sparsify.token_fraction={sp.token_fraction}: must be in (0, 1]")
+    for key, low in (("calib_sequences", 1), ("calib_max_values", 1), ("decode_tokens", 0),
+                     ("search.population", 2), ("search.generations", 1)):
+        value = OmegaConf.select(sp, key)
+        if value < low:
+            raise LlmxError(f"sparsify.{key}={value}: must be an integer >= {low}")
+    if sp.eval_sequences is not None and sp.eval_sequences < 1:
+        raise LlmxError(f"sparsify.eval_sequences={sp.eval_sequences}: must be an integer >= 1, or null (all)")
+    if not sp.targets:
+        raise LlmxError("sparsify.targets=[]: name at least one projection (q_proj, ..., down_proj)")
 
 
 def main(cfg) -> Dict[str, Any]:
@@ -57,16 +83,8 @@ def main(cfg) -> Dict[str, Any]:
         from llmx.recipes.sharp import main as sharp_main
 
         return sharp_main(cfg)
+    check_config(cfg)
     levels = [float(x) for x in sp.levels]
-    for level in levels:
-        if not 0.0 < level < 1.0:
-            raise LlmxError(f"sparsify.levels: {level} is not a model-level sparsity in (0, 1)")
-    if method == "teal" and allocation == "search":
-        raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
-    if method == "rsparse" and allocation == "greedy":
-        raise LlmxError("sparsify.allocation=greedy is TEAL's (alpha = 1); R-Sparse uses search or uniform")
-    if not 0.0 < sp.greedy_step < 1.0:
-        raise LlmxError(f"sparsify.greedy_step: {sp.greedy_step} is not a step in (0, 1)")
     torch.manual_seed(cfg.seed)
 
     # 1. The pretrained model and text: calibration from the training split, evaluation on validation.

@@ -46,6 +46,27 @@ from llmx.trainer.trainer import Trainer
 from llmx.utils import LlmxError, add_to_final, atomic_write_json, atomic_write_text
 
 
+def check_config(cfg) -> None:
+    """The task, the split sizes and the test set's source, before any work (llmx.launch.check_before_run)."""
+    from llmx.config.checks import world_size
+
+    g = cfg.data.graphs
+    task = task_of(g)  # GraphTask checks its own fields
+    for key in ("train_per_size", "val_per_size", "test_per_size"):
+        if getattr(g, key) < 1:
+            raise LlmxError(f"data.graphs.{key}={getattr(g, key)}: must be an integer >= 1")
+    outside = [n for n in g.test_sizes if not task.nodes[0] <= n <= task.nodes[1]]
+    if outside:
+        raise LlmxError(f"data.graphs.test_sizes={list(g.test_sizes)}: {outside} outside data.graphs.nodes="
+                        f"{list(task.nodes)}")
+    if g.test_dir and not Path(g.test_dir).expanduser().is_dir():
+        raise LlmxError(f"data.graphs.test_dir={g.test_dir}: no such directory (a generate_bench shortest_path "
+                        "dataset)")
+    if world_size(cfg) > 1 and not cfg.trainer.export_hf:
+        raise LlmxError("a multi-process spectral_journey run analyses its Hugging Face export: set "
+                        "trainer.export_hf=true")
+
+
 def main(cfg) -> Dict[str, Any]:
     info = init_distributed(cfg.trainer.device)
     try:
