@@ -199,7 +199,8 @@ def metric_columns(runs: Sequence[dict]) -> list[Column]:
             cols.append(Column(header, lambda r, keys=keys: _lookup(r["final"], keys), True))
     numeric = [{k for k, v in r["final"].items() if _is_number(v)} for r in runs]
     common = set.intersection(*numeric) if numeric else set()
-    for key in sorted(common - covered - _NOT_METRICS):
+    # Standard errors are shown with their value in the result column, not as columns of their own.
+    for key in sorted(k for k in common - covered - _NOT_METRICS if not k.endswith("_stderr")):
         cols.append(Column(key, lambda r, key=key: r["final"].get(key), False))
     return cols
 
@@ -279,6 +280,9 @@ def _result(final: dict) -> str:
         parts.append(f"ppl {_fmt(final['ppl_text'])}" + (f" ({ratio:.3f}x original)" if _is_number(ratio) else ""))
     if _is_number(final.get("mlp_reduction")):
         parts.append(f"MLP weights -{final['mlp_reduction']:.1%}")
+    for key in sorted(k for k in final if k.endswith("/acc") and _is_number(final[k])):  # lm-eval (the eval kind)
+        se = final.get(f"{key}_stderr")
+        parts.append(f"{key.rsplit('/', 1)[0]} {final[key]:.3f}" + (f"±{se:.3f}" if _is_number(se) else ""))
     if _is_number(final.get("acc")):
         n = final.get("problems_evaluated")
         parts.append(f"accuracy {final['acc']:.3f}" + (f" (n={n})" if _is_number(n) else ""))

@@ -32,7 +32,8 @@ CONF_DIR: Path = Path(os.environ.get("LLMX_CONF_DIR") or DEFAULT_CONF_DIR)
 
 # Groups whose every option validate_all() composes on top of the default recipe. The recipe group is
 # handled separately because its options replace the default recipe instead of layering on it.
-OPTION_GROUPS = ("model", "data", "optim", "trainer", "logger", "launcher", "bench", "evaluator", "sparsify", "merge")
+OPTION_GROUPS = ("model", "data", "optim", "trainer", "logger", "launcher", "bench", "evaluator", "sparsify", "merge",
+                 "eval")
 
 # LlmxConfig's defaults for the fields `llmx list` shows, repeated here because importing the
 # schema would pull in OmegaConf and list_recipes() must stay import-light.

@@ -26,6 +26,7 @@ class RecipeKind(str, Enum):
     rl = "rl"
     generate_bench = "generate_bench"
     synthesize = "synthesize"  # training data generated from documents by LLMs (NaturalReasoning)
+    eval = "eval"  # lm-evaluation-harness on a model, a run's output or a method applied in memory
 
 
 class ModelSource(str, Enum):
@@ -358,6 +359,24 @@ class EvalBackend(str, Enum):
     hf = "hf"  # the model group's model, loaded locally with transformers
     openai = "openai"  # any OpenAI-compatible HTTP endpoint (vLLM, SGLang, ...)
     oracle = "oracle"  # replies with each problem's reference solution: checks the graders end to end
+
+
+@dataclass
+class EvalConfig:
+    """Downstream tasks through lm-evaluation-harness (conf/eval/; llmx.evaluate.harness)."""
+
+    name: str = "local"
+    tasks: List[str] = field(default_factory=lambda: ["llmx_gsm_infinite_mc", "llmx_pydoc_next"])
+    include_paths: List[str] = field(default_factory=list)  # directories of extra task YAMLs
+    local_tasks: bool = True  # put llmx's offline tasks (llmx.evaluate.local_tasks) on the include path
+    num_fewshot: Optional[int] = None  # null: each task's own default
+    limit: Optional[float] = None  # items per task (a fraction when < 1); null: all
+    batch_size: str = "auto"  # "auto" (lm-eval finds the largest that fits) or an integer
+    max_batch_size: int = 64
+    cache: bool = True  # lm-eval's request cache, per model fingerprint: a killed evaluation resumes from it
+    log_samples: bool = False  # every request and answer in the run directory (large)
+    bootstrap_iters: int = 100000  # lm-eval's default; standard errors of non-mean metrics
+    device: str = "auto"
 
 
 @dataclass
@@ -934,6 +953,7 @@ class LlmxConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
