@@ -56,7 +56,7 @@ def test_filters_and_grouping_by_kind(rows):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "pretrian"}, "kinds: generate_bench, merge, pretrain"),
+    ({"kind": "pretrian"}, "kinds: eval, generate_bench, merge, pretrain"),
     ({"paper": "no such paper"}, "papers: CoCoMix"),
 ])
 def test_bad_filters_name_the_valid_values(rows, kwargs, message):
