@@ -107,6 +107,10 @@ def check_before_run(cfg) -> None:
     """The recipe kind's own checks (its module's check_config: ranges, paths, combinations) on a composed config,
     so that the CLI refuses a bad value before Hydra makes a run directory or torchrun starts a process."""
     kind = cfg.kind.value if hasattr(cfg.kind, "value") else str(cfg.kind)
+    if "model" in cfg and cfg.model.get("path"):
+        from llmx.models.runs import check_fits
+
+        check_fits(cfg.model)
     check = getattr(importlib.import_module(kind_module(kind)), "check_config", None)
     if check is not None:
         check(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,20 @@ def test_the_readmes_chain_runs_end_to_end(tmp_path):
     scores = json.loads((chain / "4_gsm_infinite" / "scores.json").read_text())
     assert scores["fingerprint"]["modules"] == hashlib.sha256(repr(model).encode()).hexdigest()[:16]
     assert [c["op"] for c in scores["cells"]] == [2, 3, 4, 5]
+
+    # An artifact is checked against its model's shapes before any weight is read.
+    from llmx.models.runs import check_fits
+
+    check_fits(cfg.model)
+    bad = tmp_path / "bad_rsparse"
+    shutil.copytree(chain / "3_rsparse", bad)
+    doc_path = bad / "artifacts" / "s0.5" / "rsparse.json"
+    doc = json.loads(doc_path.read_text())
+    doc["layers"]["model.layers.0.self_attn.q_proj"]["in"] = 96
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(LlmxError, match=r"layer model.layers.0.self_attn.q_proj is \(in, out\) = \(96, 128\) in the "
+                                        r"artifact, the model has \(128, 128\)"):
+        check_fits(OmegaConf.merge(cfg.model, {"path": str(bad)}))
 
     report = run_llmx(commands[4][1:], cwd=tmp_path, check=True, env={"COLUMNS": "200"}).stdout
     for stage, source in (("sharp_tiny", "galore2_tiny"), ("rsparse_tiny", "sharp_tiny"),

@@ -133,6 +133,48 @@ def _base_model_cfg(out: RunOutput, model_cfg: Any):
     return base
 
 
+def _skeleton(model_cfg: Any):
+    """The model that model_cfg loads, with its parameters on the meta device: shapes without reading weights."""
+    out = find_output(model_cfg.path, getattr(model_cfg, "level", None))
+    if out is not None and out.kind == "sharp":
+        from llmx.sharing.compact import compact_skeleton
+
+        return compact_skeleton(out.path)[0]
+    if out is not None and out.kind == "rsparse":  # an artifact keeps its dense model's shapes
+        return _skeleton(_base_model_cfg(out, model_cfg))
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmx.models.pretrained import pretrained_dir
+
+    config = AutoConfig.from_pretrained(pretrained_dir(model_cfg, weights=False))
+    config.__dict__.pop("quantization_config", None)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_fits(model_cfg: Any) -> None:
+    """When model.path names an R-Sparse/TEAL artifact: its layers against the shapes of the model it will be
+    applied to, before any weight is read (llmx.launch.check_before_run). The weights' identity is checked when
+    they are loaded (llmx.sparse.artifact's fingerprint)."""
+    import json
+
+    from llmx.sparse.rsparse import find_linears
+
+    out = find_output(model_cfg.path, getattr(model_cfg, "level", None))
+    if out is None or out.kind != "rsparse":
+        return
+    layers = json.loads((out.path / "rsparse.json").read_text())["layers"]
+    base = _base_model_cfg(out, model_cfg)
+    shapes = {n: (m.in_features, m.out_features) for n, m in find_linears(_skeleton(base), list({
+        n.rsplit(".", 1)[-1] for n in layers})).items()}
+    for name, e in layers.items():
+        if shapes.get(name) != (e["in"], e["out"]):
+            have = f"has {shapes[name]}" if name in shapes else "has no such layer"
+            raise LlmxError(f"model.path: {out.what} does not fit its model {base.name} ({base.path or base.package}): "
+                            f"layer {name} is (in, out) = ({e['in']}, {e['out']}) in the artifact, the model {have}")
+
+
 def load_output(out: RunOutput, model_cfg: Any):
     """(model, tokenizer) of a run's output, in model_cfg.dtype."""
     from llmx.models.pretrained import load_pretrained, resolve_dtype

@@ -87,20 +87,16 @@ def save_compact(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *
     return out_dir
 
 
-def load_compact(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-                 with_tokenizer: bool = False):
-    """The model of a compact checkpoint (and its tokenizer when with_tokenizer), in eval mode."""
+def compact_skeleton(path: str | Path) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(the shared model with its parameters on the meta device, sharp.json) of a compact checkpoint: its
+    architecture without reading a weight."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     spec_file = path / "sharp.json"
     spec = read_format_json(spec_file, FORMAT, f"{path}: no sharp.json; not a compact SHARP checkpoint (save one "
                             "with save_compact)")
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise LlmxError(f"{path}: model.safetensors is missing")
     config = AutoConfig.from_pretrained(path)
     # Parameters on the meta device (no random init of weights that are about to be replaced); buffers such
     # as the rotary frequencies are computed for real, since they are not stored.
@@ -110,6 +106,20 @@ def load_compact(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     made = share_mlps(model, sorted(refs), recovery=spec["recovery"], rank=spec["rank"], targets=spec["targets"])
     if made != refs:
         raise LlmxError(f"{spec_file}: references {refs} are not the nearest earlier kept layers {made}")
+    return model, spec
+
+
+def load_compact(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+                 with_tokenizer: bool = False):
+    """The model of a compact checkpoint (and its tokenizer when with_tokenizer), in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file() and (path / "sharp.json").is_file():
+        raise LlmxError(f"{path}: model.safetensors is missing")
+    model, spec = compact_skeleton(path)
+    config = model.config
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
