@@ -151,6 +151,26 @@ def test_calibrated_thresholds_hit_the_target_and_remove_restores_dense():
         apply_plan(model, cal, {"model.layers.9.mlp.up_proj": (0.5, 1.0)})
 
 
+def test_last_fraction_perplexity_scores_exactly_the_sparse_positions():
+    """The predictions scored with score_fraction are those made at positions the last_fraction layers ran sparse:
+    every one of them differs from the dense model, and no dense position is scored (the old scoring took one)."""
+    from llmx.sparse.evaluate import perplexity, scored_positions
+
+    model = tiny_llama()
+    ids = batches(1, t=40, seed=2)[0]
+    dense = model(ids).logits
+    apply_plan(model, calibrate(model, batches()), uniform_plan(layer_shapes(model), 0.6, 1.0),
+               token_mode="last_fraction", token_fraction=0.1)
+    sparse = model(ids).logits
+    differs = [p for p in range(40) if not torch.equal(sparse[0, p], dense[0, p])]
+    assert differs == [36, 37, 38, 39]  # ceil(0.1 * 40) = 4 sparse positions; causality keeps the rest dense
+    span = scored_positions(40, 0.1)
+    assert list(range(40))[span] == [36, 37, 38]  # position 39 predicts nothing
+    assert perplexity(model, [ids], 0.1)["tokens"] == 3
+    with pytest.raises(ValueError, match="leaves no sparse position"):
+        scored_positions(5, 0.1)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_other_llama_family_models(family):
     if family == "mistral":

@@ -106,7 +106,8 @@ def main(cfg) -> Dict[str, Any]:
     score_fraction = sp.token_fraction if token_mode == "last_fraction" else None
     eval_mode = token_mode if token_mode != "decode" else "all"  # perplexity has no decode step: score all
     print(f"llmx: {cfg.model.name}: {len(shapes)} linears; calibration {len(calib_batches)} x {cfg.data.seq_len} "
-          f"tokens, evaluation {n_eval} x {cfg.data.seq_len} tokens; tokens sparsified: {token_mode}", flush=True)
+          f"tokens, evaluation {n_eval} x {cfg.data.seq_len} tokens; tokens sparsified: {_mode_label(cfg, token_mode)}",
+          flush=True)
 
     # 2. Calibration: input magnitudes of every targeted linear in the dense model.
     t0 = time.perf_counter()
@@ -170,7 +171,7 @@ def main(cfg) -> Dict[str, Any]:
     table = _table(cfg, rows, token_mode, dense["tokens"])
     atomic_write_text(run_dir / "results.md", table)
     atomic_write_json(run_dir / "results.json", rows)
-    final: Dict[str, Any] = {"dense_ppl": dense["ppl"], "token_mode": token_mode}
+    final: Dict[str, Any] = {"dense_ppl": dense["ppl"], "token_mode": token_mode, "evaluated_token_mode": eval_mode}
     for row in rows[1:]:
         final[f"ppl@{row['level']:g}"] = row["ppl"]
         final[f"ppl_ratio@{row['level']:g}"] = row["ratio"]
@@ -250,11 +251,18 @@ def _achieved(layers: Dict[str, RSparseLinear], shapes) -> Dict[str, Any]:
             "by_projection": {p: round(sum(v) / len(v), 4) for p, v in by_proj.items()}}
 
 
+def _mode_label(cfg, token_mode: str) -> str:
+    if token_mode == "last_fraction":
+        return f"last_fraction (the last {cfg.sparsify.token_fraction:.0%} of each window, the only positions scored)"
+    if token_mode == "decode":  # a perplexity has no decode step: it ran with every token sparse
+        return "all (token_mode=decode: a perplexity has no single-token step, so every token ran sparse)"
+    return token_mode
+
+
 def _table(cfg, rows, token_mode: str, tokens: int) -> str:
     lines = [f"# {cfg.name}: {cfg.model.name}", "",
              f"Perplexity on {tokens} held-out tokens ({cfg.data.name} validation split, windows of {cfg.data.seq_len}); "
-             f"tokens sparsified: {token_mode}" + (f" (last {cfg.sparsify.token_fraction:.0%} of each window, the "
-                                                  "only tokens scored)" if token_mode == "last_fraction" else "") + ".",
+             f"tokens sparsified: {_mode_label(cfg, token_mode)}.",
              "", "| method | target | achieved | ppl | vs dense | low-rank layers | mean alpha | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -4,7 +4,7 @@ Plain PyTorch, usable without the launcher:
 
     from llmx.sparse import calibrate, apply_plan, uniform_plan, layer_shapes
     cal = calibrate(model, calibration_batches)
-    apply_plan(model, cal, uniform_plan(layer_shapes(model), s=0.5, alpha=0.9))
+    apply_plan(model, cal, uniform_plan(layer_shapes(model), s=0.5, alpha=0.95))
 """
 
 from llmx.sparse.rsparse import (

@@ -2,8 +2,9 @@
 
 Perplexity is exp(mean next-token NLL) over fixed windows of held-out text, token-level (not lm-eval's
 word perplexity, which differs a lot for the same model). With token_mode=last_fraction only the
-sparsified tokens (the last fraction of each window) are scored, against the dense model on the same
-tokens, so the figure says what sparsity did; with "all" every predicted token is scored.
+predictions made at sparsified positions (the last fraction of each window, less the last position, which has no
+target) are scored, against the dense model on the same tokens, so the figure says what sparsity did; with "all"
+every predicted token is scored.
 """
 
 from __future__ import annotations
@@ -16,19 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmx.sparse.rsparse import sparse_tail
+
+
+@torch.inference_mode()
+def scored_positions(t: int, score_fraction: Optional[float] = None) -> slice:
+    """The positions of a t-token window whose next-token predictions are scored: all but the last (it has no
+    target); with score_fraction, those the last_fraction layers computed sparsely (llmx.sparse.rsparse.sparse_tail),
+    so that no dense position is scored."""
+    if score_fraction is None:
+        return slice(0, t - 1)
+    first = t - sparse_tail(t, score_fraction)
+    if first >= t - 1:
+        raise ValueError(f"score_fraction={score_fraction} leaves no sparse position with a target in {t} tokens")
+    return slice(first, t - 1)
+
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], score_fraction: Optional[float] = None) -> Dict[str, float]:
-    """windows: token-id tensors (B x T). score_fraction: score only the last ceil(f * T) positions."""
+    """windows: token-id tensors (B x T). score_fraction: score only the sparse positions (scored_positions)."""
     nll, count = 0.0, 0
     device = next(model.parameters()).device
     for ids in windows:
         ids = ids.to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        target = ids[:, 1:]
-        if score_fraction is not None:
-            n = max(1, math.ceil(score_fraction * ids.shape[1]))
-            logits, target = logits[:, -n:], target[:, -n:]
+        span = scored_positions(ids.shape[1], score_fraction)
+        logits = model(input_ids=ids).logits[:, span].float()
+        target = ids[:, span.start + 1: span.stop + 1]
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}

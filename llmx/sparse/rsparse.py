@@ -56,6 +56,11 @@ def find_linears(model: nn.Module, targets: Sequence[str] = TARGETS) -> Dict[str
     return found
 
 
+def sparse_tail(t: int, fraction: float) -> int:
+    """token_mode=last_fraction: how many of a sequence's t positions are sparse (the last ones), at least one."""
+    return max(1, math.ceil(fraction * t))
+
+
 def rank_for(in_features: int, out_features: int, s: float, alpha: float) -> int:
     return int(in_features * out_features * (1.0 - s) * (1.0 - alpha) / (in_features + out_features))
 
@@ -241,7 +246,7 @@ class RSparseLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)  # a prompt: dense
         # last_fraction: the first tokens dense, the last ceil(f * T) sparse (the reference's evaluation)
         t = x.shape[-2]
-        n_sparse = max(1, math.ceil(self.token_fraction * t))
+        n_sparse = sparse_tail(t, self.token_fraction)
         dense = F.linear(x[..., : t - n_sparse, :], self.weight, self.bias)
         return torch.cat([dense, self.sparse_forward(x[..., t - n_sparse:, :])], dim=-2)
 
