@@ -71,7 +71,6 @@ and bf16 stores round to nearest-even by hand (the interpreter's own cast trunca
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, replace
 
@@ -142,11 +141,12 @@ def rsparse_allocation(in_features: int, out_features: int, sparsity: float, alp
     and only then are the rows of U (out, r) and of column-major Vs aligned for 16-byte vector loads
     (checked in the sm_90 PTX: scalar 2-byte loads otherwise). It stays within the budget.
     """
+    from llmx.sparse.rsparse import rank_for
+
     if not (0.0 <= sparsity <= 1.0 and 0.0 <= alpha <= 1.0):
         raise ValueError(f"sparsity and alpha must lie in [0, 1], got {sparsity}, {alpha}")
     keep = (1.0 - sparsity) * alpha
-    rank = int(in_features * out_features * (1.0 - sparsity) * (1.0 - alpha) / (in_features + out_features) + 1e-9)
-    return keep, rank // rank_multiple * rank_multiple
+    return keep, rank_for(in_features, out_features, sparsity, alpha) // rank_multiple * rank_multiple
 
 
 @torch.no_grad()
@@ -157,17 +157,12 @@ def calibrate_threshold(x: torch.Tensor, scale: torch.Tensor | None, keep_fracti
     aside, exactly round(keep_fraction * numel) entries satisfy ``|x| * scale > t``. Reads the result
     back to the host (a device sync): calibration only.
     """
+    from llmx.sparse.rsparse import keep_threshold
+
     mag = x.detach().float().abs()
     if scale is not None:
         mag = mag * scale.float()
-    flat = mag.reshape(-1)
-    keep = int(round(keep_fraction * flat.numel()))
-    if keep >= flat.numel():
-        return -1.0  # everything kept (magnitudes are >= 0)
-    if keep <= 0:
-        return math.inf
-    # t = the largest dropped value: the `keep` values above it pass the strict compare.
-    return float(torch.kthvalue(flat.cpu(), flat.numel() - keep).values)
+    return keep_threshold(mag.reshape(-1).cpu().sort().values, keep_fraction)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""The cost of llmx's evaluation path against lm-eval's own `hf` model loader: requests per second on the same
-model, tasks, items and batch size.
+"""The cost of llmx's evaluation path against lm-eval's own `hf` model loader: items (documents, four choices each)
+per second on the same model, tasks, items and batch size.
 
     .venv/bin/python scripts/bench_lm_eval.py                       # SmolLM2-135M, llmx's offline tasks, 40 items
     .venv/bin/python scripts/bench_lm_eval.py --limit 100 --batch 8 --repeats 3
@@ -67,18 +67,18 @@ def main() -> int:
             res = fn()
             times[name].append(time.perf_counter() - t0)
             results[name] = res["results"]
-    requests = sum(4 * min(args.limit, n) for n in (200, 133))  # four choices per item
+    items = sum(min(args.limit, n) for n in (200, 133))  # the local tasks' sizes
     rows = []
     for name in ("hf", "llmx"):
         best = min(times[name])
-        rows.append({"path": name, "requests": requests, "seconds": times[name], "best_s": best,
-                     "requests_per_s": requests / best, "median_s": statistics.median(times[name])})
-    ratio = rows[1]["requests_per_s"] / rows[0]["requests_per_s"]
+        rows.append({"path": name, "items": items, "seconds": times[name], "best_s": best,
+                     "items_per_s": items / best, "median_s": statistics.median(times[name])})
+    ratio = rows[1]["items_per_s"] / rows[0]["items_per_s"]
     agree = results["hf"] == results["llmx"]
-    print("| path | requests | best s | requests/s | vs hf |\n|---|---|---|---|---|")
+    print("| path | items | best s | items/s | vs hf |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['requests']} | {r['best_s']:.2f} | {r['requests_per_s']:.2f} | "
-              f"{r['requests_per_s'] / rows[0]['requests_per_s']:.3f}x |")
+        print(f"| {r['path']} | {r['items']} | {r['best_s']:.2f} | {r['items_per_s']:.2f} | "
+              f"{r['items_per_s'] / rows[0]['items_per_s']:.3f}x |")
     print(f"metrics identical: {agree}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,43 @@ def test_budget_formula_and_gqa_shapes():
     assert model_sparsity(shapes, {"a": (0.2, 1), "b": (0.6, 1)}) == pytest.approx((0.2 * 100 + 0.6 * 300) / 400)
 
 
+def test_one_rank_rule_exact_on_a_grid_and_shared_with_the_kernels():
+    """rank_for against exact rational arithmetic on the search's grid (s and alpha in steps of 0.05, the shapes of
+    SmolLM2 and Llama-3-8B); the kernels' allocation is the same function rounded to a multiple."""
+    from fractions import Fraction
+
+    from llmx.kernels.rsparse_gemv import rsparse_allocation
+
+    grid = [round(0.05 * k, 2) for k in range(1, 20)]
+    for i, o in [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096), (4096, 1024), (4096, 14336)]:
+        for s in grid:
+            for alpha in grid:
+                exact = Fraction(i * o) * (1 - Fraction(str(s))) * (1 - Fraction(str(alpha))) / (i + o)
+                assert rank_for(i, o, s, alpha) == int(exact), (i, o, s, alpha)
+                assert rsparse_allocation(i, o, s, alpha, rank_multiple=16)[1] == int(exact) // 16 * 16
+
+
+def test_one_threshold_rule_for_the_calibration_and_the_kernels():
+    from llmx.kernels.rsparse_gemv import calibrate_threshold
+    from llmx.sparse.rsparse import keep_threshold
+
+    x = torch.randn(6, 64)
+    mags = x.abs().reshape(-1).sort().values
+    for keep in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
+        t = keep_threshold(mags, keep)
+        assert int((mags > t).sum()) == round(keep * mags.numel())
+        assert calibrate_threshold(x, None, keep) == t
+    # The calibration's threshold is the same rule on its sorted subsample.
+    cal = calibrate(tiny_llama(), batches(2, t=16), max_values=1 << 20)
+    # Subsamples drawn with replacement: compare on the sampled multiset, exactly.
+    sampled = cal.abs_x["model.layers.0.self_attn.q_proj"]
+    assert cal.threshold("model.layers.0.self_attn.q_proj", 0.6, weighted=False) == keep_threshold(sampled, 0.4)
+    # q, k and v read the same input: one subsample, so TEAL's thresholds at equal s are equal.
+    names = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    assert len({cal.threshold(n, 0.5, weighted=False) for n in names}) == 1
+    assert len({cal.threshold(n, 0.5, weighted=True) for n in names}) == 3  # weighted by each one's column norms
+
+
 def test_token_modes():
     lin = linear()
     u, svt = factors(lin, 4)

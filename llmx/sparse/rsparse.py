@@ -62,7 +62,22 @@ def sparse_tail(t: int, fraction: float) -> int:
 
 
 def rank_for(in_features: int, out_features: int, s: float, alpha: float) -> int:
-    return int(in_features * out_features * (1.0 - s) * (1.0 - alpha) / (in_features + out_features))
+    """The low-rank share of a layer's budget: r (in + out) = in out (1 - s)(1 - alpha), rounded down. The 1e-9
+    keeps a product that is an integer in exact arithmetic (e.g. s = 0.7) from rounding down past it."""
+    return int(in_features * out_features * (1.0 - s) * (1.0 - alpha) / (in_features + out_features) + 1e-9)
+
+
+def keep_threshold(sorted_mags: torch.Tensor, keep_fraction: float) -> float:
+    """The threshold t of a layer that keeps the channels with magnitude > t, so that round(keep_fraction * n) of
+    the n ascending `sorted_mags` pass (ties aside): the largest dropped value; -1 keeps all, inf none. The one
+    threshold rule of the layer, the calibration and the kernels."""
+    n = len(sorted_mags)
+    keep = int(round(keep_fraction * n))
+    if keep >= n:
+        return -1.0  # magnitudes are >= 0
+    if keep <= 0:
+        return float("inf")
+    return float(sorted_mags[n - keep - 1])
 
 
 def reads_saved(in_features: int, out_features: int, active_channels: float, rank: int) -> float:
@@ -93,14 +108,8 @@ class Calibration:
     tokens: int = 0
 
     def threshold(self, name: str, zero_fraction: float, weighted: bool) -> float:
-        """The value below which `zero_fraction` of the calibration values of `name` lie."""
-        values = (self.abs_xs if weighted else self.abs_x)[name]
-        if zero_fraction <= 0:
-            return -1.0  # nothing below: every channel active
-        if zero_fraction >= 1:
-            return float("inf")
-        idx = min(len(values) - 1, int(zero_fraction * len(values)))
-        return float(values[idx])
+        """The threshold that drops `zero_fraction` of the calibration values of `name` (keep_threshold)."""
+        return keep_threshold((self.abs_xs if weighted else self.abs_x)[name], 1.0 - zero_fraction)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         out = {f"abs_x/{k}": v for k, v in self.abs_x.items()}
@@ -133,12 +142,18 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], targets: Sequen
     samples: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in linears}
     scales = {n: m.weight.detach().float().norm(dim=0).cpu() for n, m in linears.items()}
 
+    last: Dict[str, object] = {}  # the input seen last and its subsample
+
     def hook(name):
         def fn(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-            idx = torch.randint(0, x.numel(), (min(per_batch, x.numel()),), generator=gen)
-            vals = x.reshape(-1)[idx].abs()
-            samples[name].append((vals, vals * scales[name][idx % x.shape[1]]))
+            # Linears fed the same tensor (q/k/v, gate/up) share one subsample, so at equal s they get equal
+            # thresholds (TEAL's; R-Sparse's weighted ones then differ by their column norms only).
+            if last.get("input") is not args[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+                idx = torch.randint(0, x.numel(), (min(per_batch, x.numel()),), generator=gen)
+                last.update(input=args[0], idx=idx, vals=x.reshape(-1)[idx].abs(), width=x.shape[1])
+            idx, vals = last["idx"], last["vals"]
+            samples[name].append((vals, vals * scales[name][idx % last["width"]]))
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
