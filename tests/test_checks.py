@@ -78,6 +78,7 @@ def test_cli_refuses_before_any_run_directory_and_derives_the_micro_batch(tmp_pa
     ("sae_smollm2", "sae.k=0", "sae.k=0 must be in [1, sae.n_latents="),
     ("spectral_journey_tiny", "data.graphs.test_sizes=[50]", "[50] outside data.graphs.nodes="),
     ("spectral_journey_tiny", "data.graphs.sampler=star", "graphs.sampler='star'; valid samplers"),
+    ("rsparse_smollm2", "sparsify.search.mode=s", "sparsify.search.mode='s'; valid: s_alpha"),
     ("eval_smollm2", "eval.batch_size=big", "eval.batch_size='big': must be 'auto' or an integer >= 1"),
 ])
 def test_each_kind_refuses_its_bad_values_before_work(recipe, override, message):

@@ -276,6 +276,35 @@ def test_evolutionary_search_budget_init_and_alpha_choices(tiny, monkeypatch):
     assert_dense(model)
 
 
+def test_alpha_only_search_and_the_seeds_that_pair_greedy_s_with_low_rank(tiny, monkeypatch):
+    """mode alpha (fixed_s): every evaluated plan keeps the one s profile, its seeds are that profile with alpha 1,
+    0.95, 0.9, 0.8, and alphas move; the (s, alpha) search's seeds include the init plan's s with alpha 0.95, 0.9."""
+    import llmx.sparse.search as search
+
+    model, calib, batches = tiny
+    shapes = layer_shapes(model)
+    tried = []
+    real = search.apply_plan
+    monkeypatch.setattr(search, "apply_plan", lambda m, c, plan, **kw: tried.append(dict(plan)) or real(m, c, plan,
+                                                                                                          **kw))
+    init = {n: (0.6 if "mlp" in n else 0.2, 1.0) for n in shapes}
+    weights = [i * o / sum(i * o for i, o in shapes.values()) for i, o in shapes.values()]
+    profile = project_budget([init[n][0] for n in shapes], weights, 0.5, (0.0, 0.95))
+    plan, hist = evolutionary_search(model, calib, batches, 0.5, population=6, generations=3, seed=0, init=init,
+                                     fixed_s=True)
+    assert all([p[n][0] for n in shapes] == profile for p in tried)
+    assert [{a for _, a in p.values()} for p in tried[:4]] == [{1.0}, {0.95}, {0.9}, {0.8}]
+    assert len({tuple(a for _, a in p.values()) for p in tried}) == len(tried)  # every evaluation a new alpha set
+    assert abs(model_sparsity(shapes, plan) - 0.5) <= 1e-6 and hist[-1][0] == min(h[0] for h in hist)
+    tried.clear()
+    evolutionary_search(model, calib, batches, 0.5, population=6, generations=1, seed=0, init=init)
+    seeds = [([round(p[n][0], 9) for n in shapes], {a for _, a in p.values()}) for p in tried[:6]]
+    rounded = [round(x, 9) for x in profile]
+    assert seeds[1:4] == [(rounded, {1.0}), (rounded, {0.95}), (rounded, {0.9})]
+    assert seeds[0][1] == {1.0} and seeds[4][1] == {0.95} and set(seeds[4][0]) == {0.5}
+    assert_dense(model)
+
+
 def test_evolutionary_search_leaves_model_dense_on_error(tiny, monkeypatch):
     import llmx.sparse.search as search
 

@@ -443,6 +443,7 @@ class SearchConfig:
     generations: int = 6
     seed: int = 0
     init_greedy: bool = False  # seed the population with TEAL's greedy plan (its paths are cached and shared)
+    mode: str = "s_alpha"  # s_alpha: per-module s and alpha | alpha: s fixed (target, or greedy s), alphas searched
 
 
 class SharpRecovery(str, Enum):

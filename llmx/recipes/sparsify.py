@@ -58,6 +58,9 @@ def check_config(cfg) -> None:
         raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
     if method == "rsparse" and allocation == "greedy":
         raise LlmxError("sparsify.allocation=greedy is TEAL's (alpha = 1); R-Sparse uses search or uniform")
+    if sp.search.mode not in ("s_alpha", "alpha"):
+        raise LlmxError(f"sparsify.search.mode={sp.search.mode!r}; valid: s_alpha (per-module s and alpha), alpha "
+                        "(s fixed at the target, or at TEAL's greedy s with search.init_greedy; alphas searched)")
     if not 0.0 < sp.greedy_step < 1.0:
         raise LlmxError(f"sparsify.greedy_step={sp.greedy_step}: must be a step in (0, 1)")
     if not 0.0 <= sp.alpha <= 1.0:
@@ -219,13 +222,13 @@ def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):
     key = {"model": cfg.model.name, "weights": model_fingerprint(model), "calib": batches_fingerprint(batches),
            "level": level, "population": sp.search.population, "generations": sp.search.generations,
            "seed": sp.search.seed, "targets": list(sp.targets), "token_mode": eval_mode,
-           "token_fraction": sp.token_fraction, "calib_max_values": sp.calib_max_values, "version": 3,
-           "init": plan_to_json(init) if init else None}
+           "token_fraction": sp.token_fraction, "calib_max_values": sp.calib_max_values, "version": 4,
+           "init": plan_to_json(init) if init else None, "mode": sp.search.mode}
 
     def run():
         plan, history = evolutionary_search(model, calib, batches, level, population=sp.search.population,
                                             generations=sp.search.generations, seed=sp.search.seed, svd=svd,
-                                            init=init,
+                                            init=init, fixed_s=sp.search.mode == "alpha",
                                             token_mode=eval_mode, token_fraction=sp.token_fraction,
                                             log=lambda m: print(f"search {level:.0%}: {m}", flush=True))
         return {"plan": plan_to_json(plan), "history": history}

@@ -57,8 +57,13 @@ the perplexity it reports.
   the relative profile, so repair disturbs the mutation least.
 * Initial population, in this order, truncated to `population`: uniform s = target with alpha = 1 (TEAL
   uniform; always first, so the result is never worse than it), the `init` plans (e.g. the TEAL greedy
-  plan; repaired onto the budget, alphas kept), uniform s = target with alpha in (0.95, 0.9, 0.8) (or
+  plan; repaired onto the budget, alphas kept), each init plan's s with alpha 0.95 and then 0.9 (the
+  greedy allocation with R-Sparse's low-rank split), uniform s = target with alpha in (0.95, 0.9, 0.8) (or
   the non-1 `alpha_choices`, largest first); the rest are mutants of those seeds, in turn.
+* `fixed_s` (the form of R-Sparse's one released result, s = 0.5 everywhere with alphas searched): every
+  genome keeps one s profile (the first init plan's, or s = target everywhere), and the seeds are that
+  profile with alpha 1, 0.95, 0.9, 0.8; mutations redraw the alpha of 1-3 modules, or of every module of
+  one projection type or decoder layer at once (half each), so that 24 evaluations try many modules.
 * Mutations (one per child, a second with probability 0.3), with step scale `sigma` (0.1 in s):
   - transfer (0.35): move size-weighted budget from one random module to another, the larger of the two
     s changes being U(0, sigma);
@@ -564,8 +569,10 @@ _DEFAULT_ALPHAS = (0.95, 0.9, 0.8)
 class _Search:
     """The operators of `evolutionary_search` over one model's module list."""
 
-    def __init__(self, names, shapes, blocks, target, s_range, alpha_choices, sigma, rng: random.Random):
+    def __init__(self, names, shapes, blocks, target, s_range, alpha_choices, sigma, rng: random.Random,
+                 fixed_s: bool = False):
         self.names, self.target, self.s_range, self.sigma, self.rng = names, target, s_range, sigma, rng
+        self.fixed_s = fixed_s
         sizes = [shapes[n][0] * shapes[n][1] for n in names]
         self.w = [x / sum(sizes) for x in sizes]
         self.alpha_choices = None if alpha_choices is None else tuple(float(a) for a in alpha_choices)
@@ -582,9 +589,12 @@ class _Search:
         self.ops = [("transfer", 0.35), ("group", 0.25), ("tilt", 0.15)]
         if self.alpha_choices is None or set(self.alpha_choices) != {1.0}:
             self.ops.append(("alpha", 0.25))
+        if fixed_s:  # s stays where the seed put it: only alphas move, a few modules or a whole group at once
+            self.ops = [("alpha", 0.5), ("alpha_group", 0.5)]
 
     def repair(self, g: _Genome) -> _Genome:
-        g.s = project_budget(g.s, self.w, self.target, self.s_range)
+        if not self.fixed_s:
+            g.s = project_budget(g.s, self.w, self.target, self.s_range)
         return g
 
     def draw_alpha(self) -> float:
@@ -628,6 +638,10 @@ class _Search:
         elif op == "alpha":
             for i in rng.sample(range(n), min(n, rng.randint(1, 3))):
                 a[i] = self.draw_alpha()
+        elif op == "alpha_group":
+            value = self.draw_alpha()
+            for i in rng.choice(self.types) if rng.random() < 0.5 else rng.choice(self.layers):
+                a[i] = value
         return self.repair(_Genome(s, a))
 
     def crossover(self, g1: _Genome, g2: _Genome) -> _Genome:
@@ -650,9 +664,11 @@ def evolutionary_search(model: nn.Module, calib: Calibration, batches: Sequence[
                         s_range: Tuple[float, float] = (0.0, 0.95),
                         init: Union[Plan, Sequence[Plan], None] = None, svd: Optional[SVDCache] = None,
                         token_mode: str = "all", token_fraction: float = 0.1, sigma: float = 0.1,
+                        fixed_s: bool = False,
                         log: Optional[Callable[[str], None]] = None) -> Tuple[Plan, History]:
     """Search per-module (s, alpha) at model-level sparsity `target`, minimising `lm_loss` on `batches`
-    (see the module docstring). Returns (best plan, history); the model is left dense."""
+    (see the module docstring); fixed_s: alpha only, on the s of the first `init` plan (else s = target
+    everywhere). Returns (best plan, history); the model is left dense."""
     if population < 1 or generations < 1:
         raise ValueError(f"need population >= 1 and generations >= 1, got {population}, {generations}")
     lo, hi = s_range
@@ -665,7 +681,7 @@ def evolutionary_search(model: nn.Module, calib: Calibration, batches: Sequence[
     shapes = layer_shapes(model)
     names = list(shapes)
     rng = random.Random(seed)
-    ops = _Search(names, shapes, _blocks(model), target, s_range, alpha_choices, sigma, rng)
+    ops = _Search(names, shapes, _blocks(model), target, s_range, alpha_choices, sigma, rng, fixed_s)
     svd = svd or SVDCache()
     init_plans = [] if init is None else ([init] if isinstance(init, dict) else list(init))
     for plan in init_plans:
@@ -702,11 +718,18 @@ def evolutionary_search(model: nn.Module, calib: Calibration, batches: Sequence[
 
     history: History = []
     try:
-        base = uniform_plan(shapes, target, 1.0)
-        seeds = [base] + init_plans
         alphas = _DEFAULT_ALPHAS if alpha_choices is None else sorted({a for a in alpha_choices if a < 1.0},
                                                                       reverse=True)
-        seeds += [uniform_plan(shapes, target, a) for a in alphas]
+        if fixed_s:  # one s profile, on the budget: the first init plan's, or the target everywhere
+            profile = project_budget([init_plans[0][n][0] for n in names], ops.w, target, s_range) if init_plans \
+                else [target] * len(names)
+            seeds = [{n: (x, a) for n, x in zip(names, profile)} for a in (1.0, *alphas)]
+        else:
+            # TEAL uniform first (the result is never worse), the init plans, each init plan's s with the low-rank
+            # alphas (greedy s + R-Sparse's split), then uniform s with them.
+            seeds = [uniform_plan(shapes, target, 1.0)] + init_plans
+            seeds += [{n: (p[n][0], a) for n in names} for a in alphas[:2] for p in init_plans]
+            seeds += [uniform_plan(shapes, target, a) for a in alphas]
         genomes = [ops.repair(_Genome([p[n][0] for n in names], [float(p[n][1]) for n in names]))
                    for p in seeds[:population]]
         n_seeds, keys = len(genomes), {g.key() for g in genomes}
