@@ -113,6 +113,26 @@ def test_one_threshold_rule_for_the_calibration_and_the_kernels():
     assert len({cal.threshold(n, 0.5, weighted=True) for n in names}) == 3  # weighted by each one's column norms
 
 
+def test_svd_cache_truncates_keeps_the_weights_dtype_and_its_estimate_is_exact():
+    from llmx.sparse.rsparse import svd_bytes
+
+    model = tiny_llama()
+    shapes = layer_shapes(model)
+    linears = find_linears(model)
+    cap = lambda i, o: rank_for(i, o, 0.4, 0.9)  # noqa: E731
+    cache = SVDCache(max_rank=cap)
+    for name, lin in linears.items():
+        r = cap(*shapes[name])
+        u, svt = cache.get(name, lin.weight, r)
+        uu, ss, vh = torch.linalg.svd(lin.weight.double(), full_matrices=False)
+        assert u.dtype == lin.weight.dtype and torch.equal(u, uu[:, :r].float())
+        assert torch.equal(svt, (ss[:r, None] * vh[:r]).float())
+    assert cache.nbytes() == svd_bytes(shapes, 4, cap) < svd_bytes(shapes, 4)
+    name = next(iter(linears))
+    with pytest.raises(ValueError, match="keeps rank"):
+        cache.get(name, linears[name].weight, cap(*shapes[name]) + 1)
+
+
 def test_token_modes():
     lin = linear()
     u, svt = factors(lin, 4)

@@ -37,7 +37,7 @@ from llmx.models import load_pretrained
 from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, remove_sparsity, uniform_plan
 from llmx.sparse.artifact import artifact_size_bytes, save_artifact
 from llmx.sparse.evaluate import decode_speed, perplexity
-from llmx.sparse.rsparse import RSparseLinear, SVDCache
+from llmx.sparse.rsparse import RSparseLinear, SVDCache, rank_for, svd_bytes
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value
 
 
@@ -128,7 +128,7 @@ def main(cfg) -> Dict[str, Any]:
     print(f"llmx: dense ppl {dense['ppl']:.3f} ({dense['tokens']} tokens scored)", flush=True)
 
     # 4. Each level: allocate, apply, evaluate, save, time.
-    svd = SVDCache()
+    svd = _svd_cache(cfg, model, shapes, levels, method, allocation, device)
     for level in levels if method != "dense" else []:
         t0 = time.perf_counter()
         if allocation == "uniform":
@@ -209,6 +209,33 @@ def _greedy_paths(cfg, model, calib, batches):
         _GREEDY.clear()
         _GREEDY[memo] = [BlockPath.from_dict(d) for d in cached_search(cache_dir() / "teal_greedy", key, run)]
     return _GREEDY[memo]
+
+
+def _free_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def _svd_cache(cfg, model, shapes, levels, method: str, allocation: str, device: str) -> SVDCache:
+    """The factors' cache, truncated to the largest rank this run's allocation can ask for (a uniform plan's at its
+    lowest level; a search may ask for any), after checking that it fits the device."""
+    if method != "rsparse":
+        return SVDCache(max_rank=lambda i, o: 0)  # TEAL: alpha = 1 everywhere, no low-rank term
+    max_rank = None
+    if allocation == "uniform":
+        alpha = float(cfg.sparsify.alpha)
+        max_rank = lambda i, o: max(rank_for(i, o, level, alpha) for level in levels)  # noqa: E731
+    element = next(model.parameters()).element_size()
+    need, free = svd_bytes(shapes, element, max_rank), _free_bytes(device)
+    print(f"llmx: SVD factors: up to {need / 2**30:.2f} GiB on {device} ({free / 2**30:.1f} GiB free), computed "
+          "per layer when first used", flush=True)
+    if need > free:
+        raise LlmxError(f"the SVD factors of the {len(shapes)} layers need up to {need / 2**30:.1f} GiB on {device}, "
+                        f"{free / 2**30:.1f} GiB are free: use sparsify.allocation=uniform (factors truncated to its "
+                        "rank), fewer sparsify.targets, or a device with more memory")
+    return SVDCache(max_rank=max_rank)
 
 
 def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):

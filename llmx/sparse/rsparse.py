@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -177,18 +177,37 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], targets: Sequen
 
 
 class SVDCache:
-    """Full float64 SVD of each weight, computed once and sliced to any rank (the search varies ranks)."""
+    """SVD factors of each weight, computed on first use (in float64, on the weight's device, as the reference's
+    offline SVD) and kept there in the weight's dtype, truncated to max_rank(in, out) when given (the largest rank
+    the allocation can ask for); sliced to any rank below it (the search varies ranks). A layer's factors are what
+    RSparseLinear holds, so the cached copy costs what the largest-rank layer would."""
 
-    def __init__(self):
+    def __init__(self, max_rank: Optional[Callable[[int, int], int]] = None):
+        self.max_rank = max_rank
         self.factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, name: str, weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if name not in self.factors:
-            u, s, vh = torch.linalg.svd(weight.detach().double().cpu(), full_matrices=False)
-            self.factors[name] = (u, s[:, None] * vh)  # U (out x k), S V^T (k x in)
+            out_f, in_f = weight.shape
+            keep = min(out_f, in_f) if self.max_rank is None else self.max_rank(in_f, out_f)
+            u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+            # U (out x k), S V^T (k x in)
+            self.factors[name] = (u[:, :keep].to(weight.dtype).contiguous(),
+                                  (s[:keep, None] * vh[:keep]).to(weight.dtype).contiguous())
         u, svt = self.factors[name]
-        return (u[:, :rank].to(weight.dtype).to(weight.device).contiguous(),
-                svt[:rank].to(weight.dtype).to(weight.device).contiguous())
+        if rank > u.shape[1]:
+            raise ValueError(f"{name}: rank {rank} asked of an SVD cache that keeps rank {u.shape[1]} (max_rank)")
+        return u[:, :rank].contiguous(), svt[:rank].contiguous()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+
+
+def svd_bytes(shapes: Mapping[str, Tuple[int, int]], element_size: int,
+              max_rank: Optional[Callable[[int, int], int]] = None) -> int:
+    """What an SVDCache holds once every layer of `shapes` {name: (in, out)} has been asked for."""
+    ranks = {n: min(i, o) if max_rank is None else max_rank(i, o) for n, (i, o) in shapes.items()}
+    return sum(ranks[n] * (i + o) * element_size for n, (i, o) in shapes.items())
 
 
 class RSparseLinear(nn.Module):
