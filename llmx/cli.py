@@ -217,7 +217,8 @@ def list_cmd(
         text = "\n".join(typer.style(line, bold=True) if line and not line.startswith(" ") else line
                          for line in text.splitlines())
     typer.echo(text)
-    typer.echo(f"\n{len(rows)} recipe{'s' if len(rows) != 1 else ''}. Run one: llmx run recipe=NAME; details: llmx show recipe=NAME")
+    plural = "s" if len(rows) != 1 else ""
+    typer.echo(f"\n{len(rows)} recipe{plural}. Run one: llmx run recipe=NAME; details: llmx show recipe=NAME")
 
 
 def _utf8() -> bool:

@@ -101,6 +101,7 @@ def test_the_eval_recipe_writes_its_results_and_resumes_from_its_cache(tmp_path,
     assert "| llmx_pydoc_next | acc |" in (tmp_path / "a" / "results.md").read_text()
     again = run_llmx([*args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path, env=env, check=True)
     assert "Cached requests: 32, Requests remaining: 0" in again.stdout + again.stderr
-    assert json.loads((tmp_path / "b" / "final.json").read_text())["llmx_pydoc_next/acc"] == final["llmx_pydoc_next/acc"]
+    again_final = json.loads((tmp_path / "b" / "final.json").read_text())
+    assert again_final["llmx_pydoc_next/acc"] == final["llmx_pydoc_next/acc"]
     report = run_llmx(["report", str(tmp_path / "a"), str(tmp_path / "b")], cwd=tmp_path, check=True).stdout
     assert f"llmx_pydoc_next {final['llmx_pydoc_next/acc']:.3f}±" in report

@@ -535,7 +535,7 @@ class SparsifyConfig:
     method: SparsityMethod = SparsityMethod.rsparse
     levels: List[float] = field(default_factory=lambda: [0.5])  # model-level sparsities, each evaluated and saved
     allocation: Allocation = Allocation.search
-    alpha: float = 0.95  # the paper's uniform setting; uniform allocation's share of the budget for exact columns (rsparse)
+    alpha: float = 0.95  # uniform allocation's share of the budget for exact columns (rsparse); the paper's 0.95
     targets: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     token_mode: TokenMode = TokenMode.all
