@@ -208,6 +208,26 @@ def test_calibrated_thresholds_hit_the_target_and_remove_restores_dense():
         apply_plan(model, cal, {"model.layers.9.mlp.up_proj": (0.5, 1.0)})
 
 
+def test_perplexity_and_its_standard_error_over_text_samples():
+    import math
+    import statistics
+
+    import torch.nn.functional as F
+
+    from llmx.sparse.evaluate import perplexity
+
+    model = tiny_llama()
+    windows = [torch.cat(batches(3, t=24, seed=k)) for k in range(2)]  # 2 windows of 3 rows
+    got = perplexity(model, windows)
+    with torch.no_grad():
+        rows = [float(F.cross_entropy(model(ids[None]).logits[0, :-1].double(), ids[1:]))
+                for w in windows for ids in w]
+    assert got["tokens"] == 6 * 23 and got["nll"] == pytest.approx(statistics.mean(rows), rel=1e-5)
+    assert got["nll_se"] == pytest.approx(statistics.stdev(rows) / math.sqrt(6), rel=1e-4)
+    assert got["ppl_se"] == pytest.approx(got["ppl"] * got["nll_se"])
+    assert perplexity(model, [windows[0][:1]])["nll_se"] is None  # one sample: no spread
+
+
 def test_last_fraction_perplexity_scores_exactly_the_sparse_positions():
     """The predictions scored with score_fraction are those made at positions the last_fraction layers ran sparse:
     every one of them differs from the dense model, and no dense position is scored (the old scoring took one)."""

@@ -119,7 +119,8 @@ def main(cfg) -> Dict[str, Any]:
 
     # 3. The dense baseline on the same tokens.
     dense = perplexity(model, eval_windows, score_fraction)
-    rows: List[Dict[str, Any]] = [{"method": "dense", "level": 0.0, "ppl": dense["ppl"], "ratio": 1.0,
+    rows: List[Dict[str, Any]] = [{"method": "dense", "level": 0.0, "ppl": dense["ppl"], "ppl_se": dense["ppl_se"],
+                                   "ratio": 1.0,
                                    "achieved": 0.0, "tokens_scored": dense["tokens"]}]
     prompt = eval_windows[0][:, :32]
     dense_speed = decode_speed(model, prompt, sp.decode_tokens) if sp.decode_tokens > 0 else None
@@ -146,6 +147,7 @@ def main(cfg) -> Dict[str, Any]:
         result = perplexity(model, eval_windows, score_fraction)
         achieved = _achieved(layers, shapes)
         row = {"method": method, "level": level, "allocation": allocation, "ppl": result["ppl"],
+               "ppl_se": result["ppl_se"],
                "ratio": result["ppl"] / dense["ppl"], "planned": model_sparsity(shapes, plan), "achieved": achieved["model"],
                "by_projection": achieved["by_projection"], "tokens_scored": result["tokens"],
                "mean_alpha": sum(a for _, a in plan.values()) / len(plan), "allocation_seconds": round(alloc_s, 1),
@@ -293,15 +295,17 @@ def _table(cfg, rows, token_mode: str, tokens: int) -> str:
     lines = [f"# {cfg.name}: {cfg.model.name}", "",
              f"Perplexity on {tokens} held-out tokens ({cfg.data.name} validation split, windows of {cfg.data.seq_len}); "
              f"tokens sparsified: {_mode_label(cfg, token_mode)}.",
+             "ppl ± its standard error over the held-out windows (the spread of their mean NLLs, to first order).",
              "", "| method | target | achieved | ppl | vs dense | low-rank layers | mean alpha | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "-"
         if "decode_speedup" in r:
             speed += f" ({r['decode_speedup']:.2f}x)"
-        lines.append(f"| {r['method']} | {r['level']:.0%} | {r.get('achieved', 0):.3f} | {r['ppl']:.3f} | "
+        ppl = f"{r['ppl']:.3f}" + (f" ± {r['ppl_se']:.3f}" if r.get("ppl_se") is not None else "")
+        lines.append(f"| {r['method']} | {r['level']:.0%} | {r.get('achieved', 0):.3f} | {ppl} | "
                      f"{r['ratio']:.3f}x | {r.get('low_rank_layers', '-')} | "
                      f"{r['mean_alpha']:.3f} | {speed} |" if r["method"] != "dense" else
-                     f"| dense | - | 0 | {r['ppl']:.3f} | 1.000x | - | - | {speed} |")
+                     f"| dense | - | 0 | {ppl} | 1.000x | - | - | {speed} |")
     return "\n".join(lines) + "\n"
 

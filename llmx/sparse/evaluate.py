@@ -35,17 +35,25 @@ def scored_positions(t: int, score_fraction: Optional[float] = None) -> slice:
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], score_fraction: Optional[float] = None) -> Dict[str, float]:
-    """windows: token-id tensors (B x T). score_fraction: score only the sparse positions (scored_positions)."""
-    nll, count = 0.0, 0
+    """windows: token-id tensors (B x T). score_fraction: score only the sparse positions (scored_positions).
+    nll_se: the standard error of the mean NLL over the windows' rows (each a text sample of equal length), so
+    ppl_se = ppl * nll_se to first order."""
+    total, count, per_row = 0.0, 0, []
     device = next(model.parameters()).device
     for ids in windows:
         ids = ids.to(device)
         span = scored_positions(ids.shape[1], score_fraction)
         logits = model(input_ids=ids).logits[:, span].float()
         target = ids[:, span.start + 1: span.stop + 1]
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # B x scored
+        total += float(loss.sum())
         count += target.numel()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
+        per_row += loss.mean(dim=1).tolist()
+    nll, n = total / count, len(per_row)
+    # Rows of one window length: their mean NLLs average to nll, and their spread gives its standard error.
+    se = math.sqrt(sum((x - nll) ** 2 for x in per_row) / (n - 1) / n) if n > 1 else None
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "nll_se": se,
+            "ppl_se": None if se is None else math.exp(nll) * se}
 
 
 @torch.inference_mode()
