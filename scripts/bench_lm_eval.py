@@ -41,7 +41,7 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
 
     from llmx.config.compose import compose
-    from llmx.evaluate.harness import evaluate, task_manager
+    from llmx.evaluate.harness import _task_manager, evaluate, task_manager
     from llmx.evaluate.local_tasks import TASKS, local_task_dir
     from llmx.models import load_pretrained, pretrained_dir
 
@@ -63,6 +63,7 @@ def main() -> int:
     results = {}
     for _ in range(args.repeats):
         for name, fn in (("hf", run_hf), ("llmx", run_llmx)):
+            _task_manager.cache_clear()  # each evaluation builds its task index, as a fresh process does
             t0 = time.perf_counter()
             res = fn()
             times[name].append(time.perf_counter() - t0)

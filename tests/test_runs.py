@@ -199,7 +199,7 @@ def test_print_config_and_list_and_validate(tmp_path):
     assert "pretrain_tiny" in proc.stdout and "pretrain_llama60m" in proc.stdout
     assert max(len(line) for line in proc.stdout.splitlines()) <= 80
     proc = run_llmx(["list", "--kind", "pretrian"], cwd=tmp_path)
-    assert proc.returncode == 2 and "kinds: generate_bench" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "kinds: eval, generate_bench" in proc.stderr and "Traceback" not in proc.stderr
     # `llmx validate` on a small copy of conf/ (the real one is validated whole in-process by test_config.py).
     from conftest import small_conf_copy
 

@@ -21,6 +21,7 @@ the notes' "continuation tokens sparse" is not offered.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,9 +30,15 @@ from llmx.utils import LlmxError
 
 
 def task_manager(include_paths: Sequence[str]):
+    """lm-eval's task index (about 8 s to build), once per process and include paths: it is only read."""
+    return _task_manager(tuple(str(p) for p in include_paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_paths: Tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(p) for p in include_paths] or None)
+    return TaskManager(include_path=list(include_paths) or None)
 
 
 def resolve_tasks(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
