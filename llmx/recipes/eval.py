@@ -5,7 +5,8 @@ Face directory or hub id, or an earlier llmx run (llmx.models.runs: a trainer ru
 compact checkpoint, an R-Sparse/TEAL artifact applied in memory, `model.level`, `model.token_mode`). The tasks are
 `eval=` (conf/eval/: llmx's offline tasks, or a paper's suite), any lm-eval task name, or a task YAML file.
 
-  1. Check the tasks against lm-eval's index (unknown names and unparsable files fail before a model loads).
+  1. check_config, which the launcher runs before the run directory exists: the tasks against lm-eval's index
+     (unknown names and unparsable files fail before a model loads), the batch size, limit and shots.
   2. Load the model; the request cache is named by its fingerprint, so a killed run repeated resumes from it.
   3. lm-eval (llmx.evaluate.harness), with lm-eval's own progress bars.
   4. Outputs: lm_eval/results.json (lm-eval's JSON), results.md (task, metric, value +- standard error), final.json
