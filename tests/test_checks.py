@@ -74,6 +74,7 @@ def test_cli_refuses_before_any_run_directory_and_derives_the_micro_batch(tmp_pa
     ("rsparse_smollm2", "sparsify.levels=[0.5,1.2]", "sparsify.levels=[0.5, 1.2]: each must be a model-level"),
     ("teal_smollm2", "sparsify.allocation=search", "allocation=search is R-Sparse's; TEAL uses allocation=greedy"),
     ("rsparse_smollm2", "sparsify.search.population=1", "sparsify.search.population=1: must be an integer >= 2"),
+    ("rsparse_smollm2", "sparsify.match_tolerance=0.1", "sparsify.match_tolerance=0.1: must be in (0, 0.05)"),
     ("rsparse_smollm2", "sparsify.alpha=1.5", "sparsify.alpha=1.5: must be a share of the budget in [0, 1]"),
     ("sae_smollm2", "sae.k=0", "sae.k=0 must be in [1, sae.n_latents="),
     ("spectral_journey_tiny", "data.graphs.test_sizes=[50]", "[50] outside data.graphs.nodes="),

@@ -248,6 +248,33 @@ def test_last_fraction_perplexity_scores_exactly_the_sparse_positions():
         scored_positions(5, 0.1)
 
 
+def test_match_sparsity_reaches_the_target_on_its_text_for_teal_and_rsparse():
+    """One threshold scale per model brings the achieved sparsity within the tolerance (the plain calibrated
+    thresholds miss it on other text); R-Sparse's rank term counts toward the reads saved."""
+    from llmx.sparse.evaluate import match_sparsity
+
+    model = tiny_llama()
+    cal = calibrate(model, batches())
+    text = batches(3, seed=7)
+    shapes = layer_shapes(model)
+    for alpha in (1.0, 0.7):
+        layers = apply_plan(model, cal, uniform_plan(shapes, 0.6, alpha))
+        got = match_sparsity(model, layers, text, 0.6, tol=0.002)
+        for layer in layers.values():
+            layer.track = True
+        for ids in text:
+            model(ids)
+        sizes = {n: i * o for n, (i, o) in shapes.items()}
+        measured = sum(layer.achieved() * sizes[n] for n, layer in layers.items()) / sum(sizes.values())
+        assert measured == pytest.approx(got["achieved"], abs=1e-9) and abs(measured - 0.6) <= 0.002
+        assert got["scale"] != 1.0 and got["steps"] > 1
+        assert any(layer.rank > 0 for layer in layers.values()) == (alpha < 1)
+        remove_sparsity(model)
+    layers = apply_plan(model, cal, uniform_plan(shapes, 0.5, 1.0))
+    with pytest.raises(RuntimeError, match="cannot reach"):
+        match_sparsity(model, {n: layers[n] for n in list(layers)[:1]}, text, 0.5, max_steps=2)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_other_llama_family_models(family):
     if family == "mistral":

@@ -427,7 +427,7 @@ class SparsityMethod(str, Enum):
 
 class Allocation(str, Enum):
     uniform = "uniform"  # every layer at the target s (and sparsify.alpha)
-    greedy = "greedy"  # TEAL's block-wise greedy allocation (alpha = 1)
+    greedy = "greedy"  # TEAL's block-wise greedy allocation of s (teal: alpha = 1; rsparse: alpha = sparsify.alpha)
     search = "search"  # R-Sparse's evolutionary search of per-layer (s, alpha)
 
 
@@ -546,6 +546,11 @@ class SparsifyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     save: bool = True  # write the artifact (thresholds, ranks, factors) per level
     decode_tokens: int = 0  # > 0: also time batch-1 greedy decoding of this many tokens, dense vs sparse
+    # Matched sparsity: one scale of every threshold, set so that the sparsity achieved on match_sequences validation
+    # windows that are not scored (those after the eval_sequences) is within match_tolerance of the level.
+    match_sparsity: bool = False
+    match_sequences: int = 16
+    match_tolerance: float = 0.002
     greedy_step: float = 0.05  # TEAL greedy: one move raises a projection by greedy_step x (q_proj size / its size)
     sharp: SharpConfig = field(default_factory=SharpConfig)  # method=sharp
 

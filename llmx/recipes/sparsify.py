@@ -9,6 +9,9 @@ Feature -> config flag:
     method (rsparse | teal | dense | sharp)  sparsify.method (sharp: llmx/recipes/sharp.py, sparsify.sharp.*)
     model-level sparsities to evaluate       sparsify.levels=[0.4,0.5,0.7]
     per-layer allocation                     sparsify.allocation=uniform|greedy|search, sparsify.alpha
+                                             (greedy: TEAL's s per layer; rsparse adds sparsify.alpha to it)
+    compare at the sparsity achieved         sparsify.match_sparsity=true (one threshold scale, set on
+                                             sparsify.match_sequences unscored validation windows)
     which tokens are sparse                  sparsify.token_mode=all|decode|last_fraction, sparsify.token_fraction
     calibration amount and text              sparsify.calib_sequences, data=... (its training split), data.seq_len
     search budget                            sparsify.search.population / generations / seed
@@ -36,7 +39,7 @@ from llmx.data import build_datasets, build_tokenizer
 from llmx.models import load_pretrained
 from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, remove_sparsity, uniform_plan
 from llmx.sparse.artifact import artifact_size_bytes, save_artifact
-from llmx.sparse.evaluate import decode_speed, perplexity
+from llmx.sparse.evaluate import decode_speed, match_sparsity, perplexity
 from llmx.sparse.rsparse import RSparseLinear, SVDCache, rank_for, svd_bytes
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value
 
@@ -56,8 +59,6 @@ def check_config(cfg) -> None:
         raise LlmxError(f"sparsify.levels={list(sp.levels)}: each must be a model-level sparsity in (0, 1)")
     if method == "teal" and allocation == "search":
         raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
-    if method == "rsparse" and allocation == "greedy":
-        raise LlmxError("sparsify.allocation=greedy is TEAL's (alpha = 1); R-Sparse uses search or uniform")
     if sp.search.mode not in ("s_alpha", "alpha"):
         raise LlmxError(f"sparsify.search.mode={sp.search.mode!r}; valid: s_alpha (per-module s and alpha), alpha "
                         "(s fixed at the target, or at TEAL's greedy s with search.init_greedy; alphas searched)")
@@ -67,7 +68,9 @@ def check_config(cfg) -> None:
         raise LlmxError(f"sparsify.alpha={sp.alpha}: must be a share of the budget in [0, 1]")
     if not 0.0 < sp.token_fraction <= 1.0:
         raise LlmxError(f"sparsify.token_fraction={sp.token_fraction}: must be in (0, 1]")
-    for key, low in (("calib_sequences", 1), ("calib_max_values", 1), ("decode_tokens", 0),
+    if not 0.0 < sp.match_tolerance < 0.05:
+        raise LlmxError(f"sparsify.match_tolerance={sp.match_tolerance}: must be in (0, 0.05)")
+    for key, low in (("calib_sequences", 1), ("calib_max_values", 1), ("decode_tokens", 0), ("match_sequences", 1),
                      ("search.population", 2), ("search.generations", 1)):
         value = OmegaConf.select(sp, key)
         if value < low:
@@ -105,6 +108,11 @@ def main(cfg) -> Dict[str, Any]:
     eval_windows = [val[i][None] for i in range(n_eval)]
     if not eval_windows:
         raise LlmxError("the validation split is empty: raise data.val_fraction")
+    match_windows = [val[i][None] for i in range(n_eval, min(len(val), n_eval + sp.match_sequences))]
+    if sp.match_sparsity and len(match_windows) < sp.match_sequences:
+        raise LlmxError(f"sparsify.match_sparsity needs {sp.match_sequences} validation windows beyond the "
+                        f"{n_eval} scored (eval_sequences), and the split has {len(val)}: lower "
+                        "sparsify.eval_sequences or sparsify.match_sequences, or raise data.val_fraction")
     shapes = layer_shapes(model, list(sp.targets))
     score_fraction = sp.token_fraction if token_mode == "last_fraction" else None
     eval_mode = token_mode if token_mode != "decode" else "all"  # perplexity has no decode step: score all
@@ -134,14 +142,18 @@ def main(cfg) -> Dict[str, Any]:
         t0 = time.perf_counter()
         if allocation == "uniform":
             plan = uniform_plan(shapes, level, 1.0 if method == "teal" else float(sp.alpha))
-        elif allocation == "greedy":
+        elif allocation == "greedy":  # TEAL's s per layer; R-Sparse keeps its uniform alpha on it
             from llmx.sparse.search import plan_from_paths
 
-            plan = plan_from_paths(_greedy_paths(cfg, model, calib, calib_batches), level)
+            alpha = 1.0 if method == "teal" else float(sp.alpha)
+            plan = {n: (s, alpha) for n, (s, _) in plan_from_paths(_greedy_paths(cfg, model, calib, calib_batches),
+                                                                   level).items()}
         else:
             plan = _searched_plan(cfg, model, calib, calib_batches, shapes, level, svd, eval_mode)
         alloc_s = time.perf_counter() - t0
         layers = apply_plan(model, calib, plan, token_mode=eval_mode, token_fraction=sp.token_fraction, svd=svd)
+        matched = match_sparsity(model, layers, match_windows, level, tol=sp.match_tolerance) \
+            if sp.match_sparsity else None
         for layer in layers.values():
             layer.track = True
         result = perplexity(model, eval_windows, score_fraction)
@@ -152,6 +164,8 @@ def main(cfg) -> Dict[str, Any]:
                "by_projection": achieved["by_projection"], "tokens_scored": result["tokens"],
                "mean_alpha": sum(a for _, a in plan.values()) / len(plan), "allocation_seconds": round(alloc_s, 1),
                "low_rank_layers": sum(1 for layer in layers.values() if layer.rank > 0)}
+        if matched:
+            row.update(threshold_scale=matched["scale"], achieved_match_text=matched["achieved"])
         for layer in layers.values():
             layer.track = False
         if sp.save:
@@ -226,9 +240,11 @@ def _svd_cache(cfg, model, shapes, levels, method: str, allocation: str, device:
     if method != "rsparse":
         return SVDCache(max_rank=lambda i, o: 0)  # TEAL: alpha = 1 everywhere, no low-rank term
     max_rank = None
+    alpha = float(cfg.sparsify.alpha)
     if allocation == "uniform":
-        alpha = float(cfg.sparsify.alpha)
         max_rank = lambda i, o: max(rank_for(i, o, level, alpha) for level in levels)  # noqa: E731
+    elif allocation == "greedy":  # a layer's greedy s may be as low as one step: the rank at s = 0 bounds it
+        max_rank = lambda i, o: rank_for(i, o, 0.0, alpha)  # noqa: E731
     element = next(model.parameters()).element_size()
     need, free = svd_bytes(shapes, element, max_rank), _free_bytes(device)
     print(f"llmx: SVD factors: up to {need / 2**30:.2f} GiB on {device} ({free / 2**30:.1f} GiB free), computed "
@@ -296,6 +312,9 @@ def _table(cfg, rows, token_mode: str, tokens: int) -> str:
              f"Perplexity on {tokens} held-out tokens ({cfg.data.name} validation split, windows of {cfg.data.seq_len}); "
              f"tokens sparsified: {_mode_label(cfg, token_mode)}.",
              "ppl ± its standard error over the held-out windows (the spread of their mean NLLs, to first order).",
+             *([f"Thresholds scaled so that the sparsity achieved on {cfg.sparsify.match_sequences} unscored "
+                f"validation windows is within {cfg.sparsify.match_tolerance} of the target "
+                "(sparsify.match_sparsity)."] if cfg.sparsify.match_sparsity else []),
              "", "| method | target | achieved | ppl | vs dense | low-rank layers | mean alpha | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

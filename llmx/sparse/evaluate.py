@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmx.sparse.rsparse import sparse_tail
+from llmx.sparse.rsparse import RSparseLinear, sparse_tail
 
 
 @torch.inference_mode()
@@ -70,3 +70,39 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64, r
         out = model.generate(prompt, **kwargs)
         best = min(best, time.perf_counter() - t0)
     return {"tokens_per_s": new_tokens / best, "seconds": best, "tokens": out[0, prompt.shape[1]:].tolist()}
+
+
+@torch.inference_mode()
+def match_sparsity(model: nn.Module, layers: Mapping[str, RSparseLinear], windows: Sequence[torch.Tensor],
+                   target: float, *, tol: float = 0.002, max_steps: int = 30) -> Dict[str, float]:
+    """Scale every layer's threshold by one factor c so that the weight reads saved on `windows`, weighted by layer
+    size over `layers`, are within `tol` of `target`: methods compared at the sparsity they achieve, not the one
+    they plan (calibration and evaluation text differ, so thresholds from one miss the target on the other by up
+    to a few points). Bisection on log c; the layers keep the matched thresholds. Use windows that are not scored:
+    no loss is read, but the scored text should not set its own thresholds.
+    Returns {"scale": c, "achieved": sparsity on windows, "steps": forward passes}."""
+    base = {n: layer.threshold for n, layer in layers.items()}
+    sizes = {n: layer.in_features * layer.out_features for n, layer in layers.items()}
+    total = sum(sizes.values())
+
+    def achieved(c: float) -> float:
+        for n, layer in layers.items():
+            layer.threshold = base[n] * c
+            layer.track, layer.seen_tokens, layer.active_channels = True, 0, 0.0
+        for ids in windows:
+            model(input_ids=ids.to(next(model.parameters()).device))
+        saved = sum((layer.achieved() or 0.0) * sizes[n] for n, layer in layers.items())
+        for layer in layers.values():
+            layer.track, layer.seen_tokens, layer.active_channels = False, 0, 0.0
+        return saved / total
+
+    lo, hi, c = -8.0, 8.0, 0.0  # log2 of the scale; sparsity rises with the threshold
+    got, steps = achieved(1.0), 1
+    while abs(got - target) > tol and steps < max_steps:
+        lo, hi = (c, hi) if got < target else (lo, c)
+        c = (lo + hi) / 2
+        got, steps = achieved(2.0 ** c), steps + 1
+    if abs(got - target) > tol:
+        raise RuntimeError(f"threshold scale 2^{c:.3f} reaches sparsity {got:.4f}, not {target} ± {tol}: the layers "
+                           "cannot reach the target on this text")
+    return {"scale": 2.0 ** c, "achieved": got, "steps": steps}
