@@ -1,11 +1,11 @@
 """Benchmarks of the R-Sparse decode GEMV (llmx.kernels.rsparse_gemv): per layer, and a Llama-7B decode step.
 
-    python scripts/bench_rsparse_kernels.py --device cuda [--out outputs/bench] [--sections layer,sweep,batch,decode]
+    python scripts/bench_rsparse_kernels.py --device cuda [--out outputs/bench] [--sections layer,decode,hf,sweep,batch]
     python scripts/bench_rsparse_kernels.py --device cpu --smoke     # tiny shapes, PyTorch reference path only
 
 Every speed-up is against cuBLAS dense (torch.nn.functional.linear) measured in the same run.
-Imports only torch, triton, the kernel module and the standard library (no Hydra, no llmx.config): it runs
-on a bare GPU image. If ``llmx`` is not installed, the kernel module is loaded from ../kernels/ by path.
+Sections 1-4 import only torch, triton, the kernel module and the standard library (no Hydra, no llmx.config):
+they run on a bare GPU image. If ``llmx`` is not installed, the kernel module is loaded from ../kernels/ by path.
 
 1. layer: one linear at batch 1, bf16, shapes (out x in) 4096x4096, 14336x4096, 4096x14336, at layer
    sparsity s = 0.5 and 0.7. Each call is timed inside a CUDA graph (triton.testing.do_bench_cudagraph;
@@ -27,6 +27,11 @@ on a bare GPU image. If ``llmx`` is not installed, the kernel module is loaded f
    the memset reduction. Thresholds are calibrated per projection on the captured step's own inputs
    (eager, layer by layer), so each projection keeps exactly its target fraction. The dense weights are
    converted to W^T in place, one matrix at a time (peak memory ~ one 7B model).
+5. hf: the product path end to end: an HF LlamaForCausalLM of the Llama-3-8B shape (--hf-layers, random bf16
+   weights) decoding 128 tokens greedily through llmx.sparse.evaluate.decode_speed (static KV cache, the step
+   compiled with CUDA graphs), dense against TEAL and R-Sparse (s = 0.5 uniform, alpha = 0.95) applied by
+   llmx.sparse.apply_plan with the fused kernel inside the layers. Needs transformers and llmx.sparse (the
+   device check's llmx shim provides the latter; neither needs Hydra).
 Sections fail independently: an error is printed and recorded in the JSON, and the next section runs.
 """
 
@@ -487,16 +492,82 @@ def bench_decode(be, cfg, steps, s, alpha, variants, dtype) -> dict:
     return res
 
 
+class RandomFactors:
+    """Stands in for llmx.sparse.SVDCache: random rank-r factors (an SVD of 224 8B-sized matrices would take
+    longer than the benchmark; the decode time does not depend on the factors being singular vectors)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def get(self, name, weight, rank):
+        g = torch.Generator(device=weight.device).manual_seed(self.seed + len(name))
+        out_f, in_f = weight.shape
+        u = torch.randn(out_f, rank, generator=g, device=weight.device, dtype=torch.float32) / rank**0.5
+        svt = 0.02 * torch.randn(rank, in_f, generator=g, device=weight.device, dtype=torch.float32)
+        return u.to(weight.dtype), svt.to(weight.dtype)
+
+
+def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
+    """5. hf: the product path end to end. An HF LlamaForCausalLM (random weights) decodes greedily through
+    llmx.sparse.evaluate.decode_speed -- static KV cache, the step compiled whole (CUDA graphs on CUDA) -- dense,
+    then with every projection TEAL (uniform s) and R-Sparse (uniform s, alpha) through llmx.sparse.apply_plan and
+    RSparseLinear.decode_layout(), i.e. the fused kernel inside the layers. Thresholds from llmx.sparse.calibrate
+    on random token ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmx.sparse import apply_plan, calibrate, layer_shapes, remove_sparsity, uniform_plan
+    from llmx.sparse.evaluate import decode_speed
+
+    config = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"], num_hidden_layers=cfg["layers"],
+                         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
+                         vocab_size=cfg["vocab"], max_position_embeddings=4096, rope_theta=500000.0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the compute dtype: an fp32 8B model would not fit beside it
+    try:
+        with torch.device(be.device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    g = torch.Generator().manual_seed(0)
+    calib = calibrate(model, [torch.randint(0, cfg["vocab"], (1, 128), generator=g) for _ in range(2)])
+    prompt = torch.randint(0, cfg["vocab"], (1, 32), generator=g)
+    shapes = layer_shapes(model)
+    res = {"config": {**cfg, "dtype": str(dtype), "new_tokens": new_tokens, "sparsity": s, "alpha": alpha},
+           "variants": {}}
+    for name, a in (("dense", None), ("teal", 1.0), ("rsparse", alpha)):
+        layers = {}
+        if a is not None:
+            layers = apply_plan(model, calib, uniform_plan(shapes, s, a), token_mode="decode", svd=RandomFactors())
+            for layer in layers.values():
+                layer.decode_layout()
+        t0 = time.perf_counter()
+        r = decode_speed(model, prompt, new_tokens, repeats=3)
+        r.pop("tokens")
+        r.update(kernel=any(layer.kernel for layer in layers.values()), seconds_with_warmup=time.perf_counter() - t0)
+        res["variants"][name] = r
+        log(f"hf {name}: {r['tokens_per_s']:.1f} tok/s (compiled {r['compiled']}, kernel {r['kernel']})")
+        remove_sparsity(model)
+    dense = res["variants"]["dense"]["tokens_per_s"]
+    for name, r in res["variants"].items():
+        r["speedup_vs_dense"] = r["tokens_per_s"] / dense
+    log("hf: " + ", ".join(f"{n} {r['speedup_vs_dense']:.3f}x" for n, r in res["variants"].items()))
+    if be.cuda:
+        res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return res
+
+
 # ---------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (required on CPU: reference path only)")
-    ap.add_argument("--sections", default="layer,decode,sweep,batch")
+    ap.add_argument("--sections", default="layer,decode,hf,sweep,batch")
     ap.add_argument("--copies", type=int, default=4, help="weight copies rotated per timing (>= 4 defeats L2)")
     ap.add_argument("--steps", type=int, default=100, help="decode steps timed")
     ap.add_argument("--decode-variants", default="dense,rsparse,teal,rsparse_memset")
     ap.add_argument("--out", default="outputs/bench")
+    ap.add_argument("--hf-layers", type=int, default=32, help="hf section: decoder layers of the Llama-3-8B shape")
+    ap.add_argument("--hf-tokens", type=int, default=128, help="hf section: tokens decoded per timing")
     args = ap.parse_args()
     if args.device == "cpu" and not args.smoke:
         ap.error("on CPU only --smoke runs (the PyTorch reference at tiny shapes)")
@@ -509,11 +580,13 @@ def main() -> int:
         RANK_MULTIPLE = 1  # the tiny shapes' ranks are 1-2
         shapes, decode_cfg = [(96, 64), (160, 64), (64, 160)], dict(layers=2, hidden=64, ffn=172, heads=4, vocab=256,
                                                                        ctx=32)
+        hf_cfg = dict(layers=2, hidden=64, ffn=160, heads=4, kv_heads=2, vocab=256)
         steps = min(args.steps, 5)
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     else:
         shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]
         decode_cfg = dict(layers=32, hidden=4096, ffn=11008, heads=32, vocab=32000, ctx=512)
+        hf_cfg = dict(layers=args.hf_layers, hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256)  # Llama-3-8B
         steps = args.steps
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
            "smoke": args.smoke, "kernel_module": rs.__file__}
@@ -541,6 +614,8 @@ def main() -> int:
                 results[sec] = bench_sweep(be, shapes, args.copies, dtype)
             elif sec == "batch":
                 results[sec] = bench_batch(be, shapes[0], (4, 8), args.copies, dtype)
+            elif sec == "hf":
+                results[sec] = bench_hf(be, hf_cfg, 8 if args.smoke else args.hf_tokens, 0.5, 0.95, dtype)
             elif sec == "decode":
                 variants = [v.strip() for v in args.decode_variants.split(",")]
                 results[sec] = bench_decode(be, decode_cfg, steps, 0.5, 0.9, variants, dtype)

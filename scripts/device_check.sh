@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of GaLore (FSDP2 with NCCL, the fused step at each projection precision) and of the
-# R-Sparse decode kernel, for a session that has a GPU machine (one H100: < 8 minutes for both groups).
+# R-Sparse decode kernel and its end-to-end decode path, for a session that has a GPU machine (one H100: the galore
+# and rsparse groups took < 8 minutes; the hf group, added at stop 36 and never yet run on a GPU, may take 5 more:
+# run CHECKS="rsparse hf" in a second call if the first is short of time).
 #
 #   bash scripts/device_check.sh            # results and a log in ${OUT:-outputs/device}
 #
@@ -63,8 +65,8 @@ EOF
 step "nvidia-smi" nvidia-smi
 step "versions" versions
 
-# CHECKS picks the groups (default all): CHECKS=rsparse bash scripts/device_check.sh
-CHECKS=${CHECKS:-"galore rsparse"}
+# CHECKS picks the groups (default all): CHECKS="rsparse hf" bash scripts/device_check.sh
+CHECKS=${CHECKS:-"galore rsparse hf"}
 if [[ " $CHECKS " == *" galore "* ]]; then
   # -s shows the measured parity errors ("galore-parity ...") next to the tolerances they are held to.
   step "pytest tests/test_galore_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_galore_kernels.py
@@ -79,7 +81,14 @@ if [[ " $CHECKS " == *" rsparse "* ]]; then
   # "rsparse-parity ..." lines: the fused decode kernel against its fp32 reference, bf16 at the 7B shapes.
   step "pytest tests/test_rsparse_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_rsparse_kernels.py
   # Per-layer time against cuBLAS (CUDA graphs, rotated weights), then batch-1 decode of a 7B-shaped model.
-  step "bench_rsparse_kernels.py" timeout 240 "$PY" -P scripts/bench_rsparse_kernels.py --device cuda --out "$OUT_DIR"
+  step "bench_rsparse_kernels.py" timeout 240 "$PY" -P scripts/bench_rsparse_kernels.py --device cuda \
+    --sections layer,decode,sweep,batch --out "$OUT_DIR"
+fi
+if [[ " $CHECKS " == *" hf "* ]]; then
+  # The product path: an HF Llama of the 8B shape decoding through llmx.sparse (compiled step, CUDA graphs, the
+  # fused kernel in RSparseLinear), tokens/s of dense, TEAL and R-Sparse at 50%. Its JSON: rsparse_kernels_hf_cuda.
+  step "bench_rsparse_kernels.py --sections hf" timeout 300 "$PY" -P scripts/bench_rsparse_kernels.py --device cuda \
+    --sections hf --out "$OUT_DIR/hf"
 fi
 ls -l "$OUT_DIR"/*.json 2>/dev/null || echo "(no benchmark JSON in $OUT_DIR)"
 

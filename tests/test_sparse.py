@@ -275,6 +275,30 @@ def test_match_sparsity_reaches_the_target_on_its_text_for_teal_and_rsparse():
         match_sparsity(model, {n: layers[n] for n in list(layers)[:1]}, text, 0.5, max_steps=2)
 
 
+def test_llama3_8b_recipe_fits_one_80gb_gpu():
+    """rsparse_llama3_8b's memory on the GPU, as the recipe estimates it before the run: the bf16 model plus the SVD
+    factors its searched allocation can ask for (svd_max_rank; factors on the device, in bf16). The full float64
+    factors kept on the host before were ~78 GB."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmx.config.compose import compose
+    from llmx.sparse.rsparse import svd_bytes, svd_max_rank
+
+    cfg = compose(["recipe=rsparse_llama3_8b"])
+    sp = cfg.sparsify
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256))
+    shapes = layer_shapes(model, list(sp.targets))
+    assert len(shapes) == 224
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    factors = svd_bytes(shapes, 2, svd_max_rank(sp.allocation.value, sp.alpha, sp.levels))
+    full64 = svd_bytes(shapes, 8)
+    print(f"rsparse_llama3_8b: weights {weights / 2**30:.1f} GiB + factors {factors / 2**30:.1f} GiB on the GPU "
+          f"(full float64 factors: {full64 / 2**30:.1f} GiB)")
+    assert 14 < weights / 2**30 < 15.5 and factors < full64 / 5 and weights + factors < 40 * 2**30
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_other_llama_family_models(family):
     if family == "mistral":

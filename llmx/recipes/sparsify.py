@@ -40,7 +40,7 @@ from llmx.models import load_pretrained
 from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, remove_sparsity, uniform_plan
 from llmx.sparse.artifact import artifact_size_bytes, save_artifact
 from llmx.sparse.evaluate import decode_speed, match_sparsity, perplexity
-from llmx.sparse.rsparse import RSparseLinear, SVDCache, rank_for, svd_bytes
+from llmx.sparse.rsparse import RSparseLinear, SVDCache, svd_bytes, svd_max_rank
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value
 
 
@@ -235,16 +235,11 @@ def _free_bytes(device: str) -> int:
 
 
 def _svd_cache(cfg, model, shapes, levels, method: str, allocation: str, device: str) -> SVDCache:
-    """The factors' cache, truncated to the largest rank this run's allocation can ask for (a uniform plan's at its
-    lowest level; a search may ask for any), after checking that it fits the device."""
+    """The factors' cache, truncated to the largest rank this run's allocation can ask for (svd_max_rank), after
+    checking that it fits the device."""
     if method != "rsparse":
         return SVDCache(max_rank=lambda i, o: 0)  # TEAL: alpha = 1 everywhere, no low-rank term
-    max_rank = None
-    alpha = float(cfg.sparsify.alpha)
-    if allocation == "uniform":
-        max_rank = lambda i, o: max(rank_for(i, o, level, alpha) for level in levels)  # noqa: E731
-    elif allocation == "greedy":  # a layer's greedy s may be as low as one step: the rank at s = 0 bounds it
-        max_rank = lambda i, o: rank_for(i, o, 0.0, alpha)  # noqa: E731
+    max_rank = svd_max_rank(allocation, float(cfg.sparsify.alpha), levels)
     element = next(model.parameters()).element_size()
     need, free = svd_bytes(shapes, element, max_rank), _free_bytes(device)
     print(f"llmx: SVD factors: up to {need / 2**30:.2f} GiB on {device} ({free / 2**30:.1f} GiB free), computed "

@@ -26,9 +26,13 @@ Choices (the paper or the reference is unclear, or we fix a bug; each is a confi
   the rest dense: the reference's evaluation, `--prefill_ratio 0.1`).
 * SVD in float64 (as the reference), factors stored in the weight's dtype.
 
-The PyTorch path serves CPUs and is the oracle of the Triton decode kernel (`llmx.kernels.rsparse_gemv`).
-For a single decoded token it reads only the active rows of W^T (`decode_layout()`), which is where the
-memory-bound speed-up comes from; for many tokens it multiplies the masked input by the dense W.
+Decoding (`decode_layout()`): W is stored transposed (W^T contiguous, "column-major W", paper Sec. 3.4), once -- the
+layer's W becomes a view of it -- so a decoded token reads only its active channels' rows. Calls of 1..16 rows (a
+decode step of batch 1..16) then run the fused Triton kernel (`llmx.kernels.rsparse_gemv`: mask, exact columns and
+low-rank term, no host sync, CUDA-graph capturable) on CUDA; on CPU a single row uses embedding_bag over the active
+rows, and the plain PyTorch math below is the kernel's oracle. Prompts (many tokens) multiply the masked input by W.
+Both compare |x| * scale in fp32 (scale, the column norms, is kept in fp32), so the kernel and the PyTorch path
+choose the same channels in any compute dtype.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch import nn
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKEN_MODES = ("all", "decode", "last_fraction")
+MAX_DECODE_ROWS = 16  # the fused kernel's largest batch (llmx.kernels.rsparse_gemv.MAX_ROWS)
 Plan = Dict[str, Tuple[float, float]]  # module name -> (s, alpha)
 
 
@@ -203,6 +208,17 @@ class SVDCache:
         return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
 
 
+def svd_max_rank(allocation: str, alpha: float = 1.0, levels: Sequence[float] = ()) -> Callable[[int, int], int]:
+    """The largest rank an allocation can ask of a layer (in, out): what SVDCache keeps. uniform: its alpha at the
+    lowest level; greedy: its alpha at s = 0; search: any (s, alpha), so the budget's own bound rank_for(s=0, alpha=0)
+    = in*out/(in+out), half of full rank for a square layer."""
+    if allocation == "uniform":
+        return lambda i, o: max(rank_for(i, o, level, alpha) for level in levels)
+    if allocation == "greedy":
+        return lambda i, o: rank_for(i, o, 0.0, alpha)
+    return lambda i, o: rank_for(i, o, 0.0, 0.0)
+
+
 def svd_bytes(shapes: Mapping[str, Tuple[int, int]], element_size: int,
               max_rank: Optional[Callable[[int, int], int]] = None) -> int:
     """What an SVDCache holds once every layer of `shapes` {name: (in, out)} has been asked for."""
@@ -224,13 +240,14 @@ class RSparseLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # shared with the dense model: applying and removing costs no copy
         self.bias = linear.bias
-        self.weight_t: Optional[torch.Tensor] = None  # W^T contiguous, after decode_layout()
+        self.weight_t: Optional[torch.Tensor] = None  # W^T contiguous, after decode_layout(); weight is then its view
+        self.kernel = False  # decode_layout(): rows of single-token calls go to the fused Triton kernel
         self.s, self.alpha, self.threshold = float(s), float(alpha), float(threshold)
         self.rank = 0 if u is None else u.shape[1]
         self.register_buffer("u", u, persistent=False)
         self.register_buffer("svt", svt, persistent=False)
-        self.register_buffer("scale", linear.weight.detach().float().norm(dim=0).to(linear.weight.dtype),
-                             persistent=False)
+        # fp32, as the kernel compares: |x| * scale in the compute dtype would round the product first
+        self.register_buffer("scale", linear.weight.detach().float().norm(dim=0), persistent=False)
         self.token_mode, self.token_fraction = token_mode, float(token_fraction)
         self.track = False  # count active channels (achieved sparsity on real inputs)
         self.seen_tokens = 0
@@ -244,16 +261,31 @@ class RSparseLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, s={self.s:.3f}, alpha={self.alpha:.3f}, "
                 f"rank={self.rank}, threshold={self.threshold:.4g}, tokens={self.token_mode}")
 
-    def decode_layout(self) -> "RSparseLinear":
-        """Keep W^T contiguous (column-major W) so a single token reads only its active channels' rows."""
-        self.weight_t = self.weight.detach().t().contiguous()
+    def decode_layout(self, kernel: Optional[bool] = None) -> "RSparseLinear":
+        """Store W as W^T contiguous (column-major W; `weight` becomes its transposed view, so W is held once) so a
+        decoded token reads only its active channels' rows; with `kernel` (default: on CUDA where Triton runs) decode
+        calls go to the fused kernel, whose low-rank factor Vs is then stored column-major too."""
+        from llmx.kernels._common import triton_available
+
+        if self.weight_t is None:
+            self.weight_t = self.weight.detach().t().contiguous()
+            self.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)
+        self.kernel = self.weight.is_cuda and triton_available(self.weight.device) if kernel is None else kernel
+        if self.kernel:
+            if not triton_available(self.weight.device):
+                raise RuntimeError(f"the fused R-Sparse kernel needs CUDA with Triton (or TRITON_INTERPRET=1 for CPU "
+                                   f"tensors); the layer is on {self.weight.device}: use decode_layout(kernel=False)")
+            if self.rank > 0 and self.svt.stride(0) != 1:
+                self.svt = self.svt.t().contiguous().t()  # (r, in) over (in, r) storage: a skipped channel, one row
         return self
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        mag = x.abs() * self.scale if self.weighted else x.abs()
+        mag = x.abs() * self.scale if self.weighted else x.abs().float()  # fp32, as the kernel compares
         return mag > self.threshold
 
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and x.numel() <= MAX_DECODE_ROWS * x.shape[-1]:
+            return self.kernel_forward(x)
         m = self.mask(x) if self.alpha > 0 else torch.zeros_like(x, dtype=torch.bool)
         if self.track:
             self.seen_tokens += m.numel() // m.shape[-1]
@@ -273,6 +305,17 @@ class RSparseLinear(nn.Module):
             y = y + F.linear(F.linear(x * ~m, self.svt), self.u)
         return y if self.bias is None else y + self.bias
 
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """1..16 rows through the fused kernel: one call does the mask, the exact columns and the low-rank term."""
+        if self.track:  # counting needs the mask on the host side; the kernel never materialises it
+            m = self.mask(x)
+            self.seen_tokens += m.numel() // m.shape[-1]
+            self.active_channels += float(m.sum())
+        threshold = self.threshold if self.alpha > 0 else float("inf")  # alpha = 0: every channel low-rank
+        lr = (self.u, self.svt) if self.rank > 0 else (None, None)
+        y = rsparse_gemv_op(x, self.weight_t, self.scale if self.weighted else None, threshold, *lr)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_mode == "all" or (x.dim() >= 2 and x.shape[-2] == 1):
             return self.sparse_forward(x)  # every token, or a single-token (decode) call
@@ -289,6 +332,21 @@ class RSparseLinear(nn.Module):
         if not self.seen_tokens:
             return None
         return reads_saved(self.in_features, self.out_features, self.active_channels / self.seen_tokens, self.rank)
+
+
+@torch.library.custom_op("llmx::rsparse_gemv", mutates_args=())
+def rsparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Tensor], threshold: float,
+                    u: Optional[torch.Tensor], vs: Optional[torch.Tensor]) -> torch.Tensor:
+    """The fused kernel as one PyTorch operator: torch.compile traces the layer through it without a graph break
+    (the kernel's launch logic stays in Python) and CUDA graphs capture it."""
+    from llmx.kernels.rsparse_gemv import rsparse_gemv  # at call time: tests reload the kernel module
+
+    return rsparse_gemv(x, wt, scale, threshold, u, vs)
+
+
+@rsparse_gemv_op.register_fake
+def _(x, wt, scale, threshold, u, vs):
+    return x.new_empty((*x.shape[:-1], wt.shape[1]))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
