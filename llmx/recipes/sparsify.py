@@ -128,7 +128,7 @@ def main(cfg) -> Dict[str, Any]:
     # 3. The dense baseline on the same tokens.
     dense = perplexity(model, eval_windows, score_fraction)
     rows: List[Dict[str, Any]] = [{"method": "dense", "level": 0.0, "ppl": dense["ppl"], "ppl_se": dense["ppl_se"],
-                                   "ratio": 1.0,
+                                   "nll_rows": _rounded(dense["nll_rows"]), "ratio": 1.0,
                                    "achieved": 0.0, "tokens_scored": dense["tokens"]}]
     prompt = eval_windows[0][:, :32]
     dense_speed = decode_speed(model, prompt, sp.decode_tokens) if sp.decode_tokens > 0 else None
@@ -159,7 +159,7 @@ def main(cfg) -> Dict[str, Any]:
         result = perplexity(model, eval_windows, score_fraction)
         achieved = _achieved(layers, shapes)
         row = {"method": method, "level": level, "allocation": allocation, "ppl": result["ppl"],
-               "ppl_se": result["ppl_se"],
+               "ppl_se": result["ppl_se"], "nll_rows": _rounded(result["nll_rows"]),
                "ratio": result["ppl"] / dense["ppl"], "planned": model_sparsity(shapes, plan), "achieved": achieved["model"],
                "by_projection": achieved["by_projection"], "tokens_scored": result["tokens"],
                "mean_alpha": sum(a for _, a in plan.values()) / len(plan), "allocation_seconds": round(alloc_s, 1),
@@ -275,6 +275,10 @@ def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):
 
     found = cached_search(cache_dir() / "rsparse_search", key, run)
     return plan_from_json(found["plan"])
+
+
+def _rounded(values: List[float]) -> List[float]:
+    return [round(v, 6) for v in values]
 
 
 def _achieved(layers: Dict[str, RSparseLinear], shapes) -> Dict[str, Any]:

@@ -37,7 +37,8 @@ def scored_positions(t: int, score_fraction: Optional[float] = None) -> slice:
 def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], score_fraction: Optional[float] = None) -> Dict[str, float]:
     """windows: token-id tensors (B x T). score_fraction: score only the sparse positions (scored_positions).
     nll_se: the standard error of the mean NLL over the windows' rows (each a text sample of equal length), so
-    ppl_se = ppl * nll_se to first order."""
+    ppl_se = ppl * nll_se to first order; nll_rows: each row's mean NLL (two models on the same windows compare
+    row by row: a paired difference, much tighter than either standard error)."""
     total, count, per_row = 0.0, 0, []
     device = next(model.parameters()).device
     for ids in windows:
@@ -53,7 +54,7 @@ def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], score_fraction
     # Rows of one window length: their mean NLLs average to nll, and their spread gives its standard error.
     se = math.sqrt(sum((x - nll) ** 2 for x in per_row) / (n - 1) / n) if n > 1 else None
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "nll_se": se,
-            "ppl_se": None if se is None else math.exp(nll) * se}
+            "ppl_se": None if se is None else math.exp(nll) * se, "nll_rows": per_row}
 
 
 def greedy_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, compiled: Optional[bool] = None,
