@@ -1,0 +1,125 @@
+"""The R-Sparse / TEAL comparison table from several sparsify runs: per model, one row per method and allocation,
+one column per level (achieved sparsity, perplexity ± its standard error over the held-out windows), then R-Sparse
+against TEAL in pairs fixed in advance (PAIRS), as paired differences of mean NLL over the same windows.
+
+    python scripts/rsparse_table.py RUN_DIR... [--out table.md] [--json table.json]
+
+Each RUN_DIR is an `llmx run` of the sparsify kind (results.json and config.yaml). Runs of one model must share
+their evaluation windows (the same data, eval_sequences and token mode): the script checks that their dense
+baselines agree. Nothing is selected on the evaluation text: every run is a row, and the pairs are set by allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def load(run: Path) -> dict:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    rows = json.loads((run / "results.json").read_text())
+    sp = cfg["sparsify"]
+    label = f"{sp['method']} {sp['allocation']}"
+    if sp["method"] == "rsparse" and sp["allocation"] != "search":
+        label += f" (alpha {sp['alpha']:g})"
+    if sp["allocation"] == "search":
+        seeded = " from greedy" if sp["search"].get("init_greedy") else ""
+        label += f" ({sp['search'].get('mode', 's_alpha')}{seeded})"
+    return {"run": str(run), "model": cfg["model"]["name"], "label": label, "method": sp["method"],
+            "matched": bool(sp.get("match_sparsity")), "token_mode": sp["token_mode"], "rows": rows}
+
+
+# (R-Sparse label prefix, TEAL label prefix, what the pair isolates), fixed before looking at any result.
+PAIRS = [("rsparse search", "teal greedy", "each paper's own allocation"),
+         ("rsparse greedy", "teal greedy", "the same per-layer s: what the low-rank term adds"),
+         ("rsparse uniform", "teal uniform", "uniform s")]
+
+
+def paired(a: list, b: list) -> tuple:
+    """Mean and standard error of the per-window NLL differences a - b."""
+    d = [x - y for x, y in zip(a, b)]
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+
+
+def model_table(runs: list) -> tuple:
+    dense = runs[0]["rows"][0]
+    for r in runs[1:]:
+        if abs(r["rows"][0]["ppl"] - dense["ppl"]) > 1e-6 * dense["ppl"]:
+            raise SystemExit(f"{r['run']}: dense ppl {r['rows'][0]['ppl']} differs from {runs[0]['run']}'s "
+                             f"{dense['ppl']}: not the same evaluation windows")
+    levels = sorted({row["level"] for r in runs for row in r["rows"][1:]})
+    out = [f"### {runs[0]['model']}", "",
+           f"Dense ppl {dense['ppl']:.3f} ± {dense['ppl_se']:.3f} ({dense['tokens_scored']} tokens scored, "
+           f"{len(dense.get('nll_rows') or [])} windows). Each cell: achieved sparsity on the scored text, ppl ± s.e."
+           + (" Thresholds matched to the level on unscored windows." if all(r["matched"] for r in runs) else ""),
+           "", "| method | " + " | ".join(f"{lv:.0%}" for lv in levels) + " |",
+           "|---|" + "---|" * len(levels)]
+    by_level = {lv: {} for lv in levels}
+    for r in sorted(runs, key=lambda r: (r["method"], r["label"])):
+        cells = []
+        for lv in levels:
+            row = next((x for x in r["rows"][1:] if x["level"] == lv), None)
+            if row is None:
+                cells.append("-")
+                continue
+            by_level[lv][r["label"]] = (r["method"], row)
+            cells.append(f"{row['achieved']:.3f}: {row['ppl']:.2f} ± {row['ppl_se']:.2f}")
+        out.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    summary = []
+    for lv in levels:
+        for r_prefix, t_prefix, what in PAIRS:
+            rs = [(lab, row) for lab, (m, row) in by_level[lv].items() if lab.startswith(r_prefix)]
+            ts = [(lab, row) for lab, (m, row) in by_level[lv].items() if lab.startswith(t_prefix)]
+            for (rl, rr) in rs:
+                for (tl, tr) in ts:
+                    entry = {"level": lv, "rsparse": rl, "teal": tl, "what": what, "ppl_ratio": rr["ppl"] / tr["ppl"],
+                             "achieved": [rr["achieved"], tr["achieved"]]}
+                    if rr.get("nll_rows") and tr.get("nll_rows"):
+                        entry["dnll"], entry["dnll_se"] = paired(rr["nll_rows"], tr["nll_rows"])
+                    summary.append(entry)
+    if summary:
+        out += ["", "R-Sparse against TEAL, pairs fixed in advance (no selection on this text): ΔNLL = mean over "
+                "windows of NLL(R-Sparse) - NLL(TEAL) ± its paired standard error; < 0 favours R-Sparse.", ""]
+        for e in summary:
+            d = f"ΔNLL {e['dnll']:+.4f} ± {e['dnll_se']:.4f}" if "dnll" in e else "no per-window NLLs"
+            out.append(f"- {e['level']:.0%}, {e['what']}: {e['rsparse']} vs {e['teal']}: ppl ratio "
+                       f"{e['ppl_ratio']:.3f}, {d} (achieved {e['achieved'][0]:.3f} vs {e['achieved'][1]:.3f})")
+    return "\n".join(out), summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    runs = []
+    for run in args.runs:
+        if not (run / "results.json").exists():
+            print(f"skipped {run}: no results.json (unfinished?)", file=sys.stderr)
+            continue
+        runs.append(load(run))
+    if not runs:
+        ap.error("no finished sparsify run among the arguments")
+    tables, summaries = [], {}
+    for model in sorted({r["model"] for r in runs}):
+        text, summary = model_table([r for r in runs if r["model"] == model])
+        tables.append(text)
+        summaries[model] = summary
+    text = "\n\n".join(tables) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(summaries, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
