@@ -63,6 +63,27 @@ in the same 16-bit dtype, kernel B uses a 16-row tl.dot (exact: x*m is x or 0, r
 dtype). Block sizes come from ``_pick_config`` (B = 1: BLOCK_K 128, BLOCK_N 64, 4 warps, the best of
 nine configs measured in the notes on all three Llama-7B shapes); ``config=`` overrides them.
 
+Against TEAL's kernel (FasterDecoding/TEAL ``kernels/sparse_gemv.py``), point by point
+--------------------------------------------------------------------------------------
+* Grid: both single-shot split-K, many CTAs, one tile each, no K loop (TEAL's design; a looped few-CTA variant
+  measured 0.57-0.96x of dense on an H100 in the notes). TEAL autotunes BLOCK_M 8-128 x BLOCK_N 16-512 per shape;
+  here one measured heuristic (``_pick_config``) or ``config=``: no autotuning yet.
+* Mask: both compute |x| > t in the kernel from x (TEAL: fp16 x; here any float dtype, fp32 compare); R-Sparse
+  adds the column-norm scale. Inactive rows of W^T are masked loads in both: no traffic, but the program still
+  runs -- time follows active bytes only where the load latency, not the per-program fixed cost, dominates.
+* Accumulation: TEAL adds fp16 partial sums atomically into a zeroed fp16 output (a memset launch and fp16
+  rounding per add); here fp32 atomics into a self-zeroing workspace with a per-output-block ticket that casts
+  once (no memset launch), or "memset".
+* Low-rank term: TEAL has none. Here kernel A (z = Vs (x * (1 - m))) is a second launch; U z is fused into kernel
+  B's first programs.
+* Fusion across projections: TEAL's gpt-fast integration fuses q/k/v (one W^T of their concatenated outputs, one
+  threshold, as their inputs and sparsities are equal); here each projection is its own call (R-Sparse's per-
+  projection s, alpha and column-norm masks would need per-segment thresholds and scales).
+* Batch: TEAL handles one row only (its issue 12); here 1-16 rows, each with its own mask (union loads).
+* Integration: TEAL's speed-ups come from gpt-fast with torch.compile; here the layer (``RSparseLinear``) calls the
+  kernel as the operator ``llmx::rsparse_gemv`` and ``llmx.sparse.evaluate.decode_speed`` compiles the HF decode
+  step whole (CUDA graphs), so the same path serves the recipes and the benchmark.
+
 Running without a GPU: with TRITON_INTERPRET=1 set before this module is imported, the kernels run on
 CPU tensors in Triton's interpreter. Its bf16 arithmetic is wrong, so every load is cast to fp32 at once
 and bf16 stores round to nearest-even by hand (the interpreter's own cast truncates).
