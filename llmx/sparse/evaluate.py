@@ -83,8 +83,10 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64, r
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     compiled = device.type == "cuda" if compiled is None else compiled
-    if hasattr(model, "_compiled_call"):  # compiled around other layers: trace afresh rather than pile up guards
-        del model._compiled_call
+    if compiled:  # compiled around other layers before: trace afresh rather than pile up recompilations, which stop
+        torch._dynamo.reset()  # at dynamo's recompile limit (8) and then fall back to eager without a word
+        if hasattr(model, "_compiled_call"):
+            del model._compiled_call
     greedy_generate(model, prompt, new_tokens, compiled=compiled)  # warm-up (and compilation)
     best, out = float("inf"), None
     for _ in range(repeats):
