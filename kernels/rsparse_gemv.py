@@ -66,8 +66,11 @@ nine configs measured in the notes on all three Llama-7B shapes); ``config=`` ov
 Against TEAL's kernel (FasterDecoding/TEAL ``kernels/sparse_gemv.py``), point by point
 --------------------------------------------------------------------------------------
 * Grid: both single-shot split-K, many CTAs, one tile each, no K loop (TEAL's design; a looped few-CTA variant
-  measured 0.57-0.96x of dense on an H100 in the notes). TEAL autotunes BLOCK_M 8-128 x BLOCK_N 16-512 per shape;
-  here one measured heuristic (``_pick_config``) or ``config=``: no autotuning yet.
+  measured 0.57-0.96x of dense on an H100 in the notes). TEAL autotunes BLOCK_M 8-128 x BLOCK_N 16-512 per shape
+  with triton.autotune; here ``tune_config`` times BLOCK_K 64-256 x BLOCK_N 32-512 per shape *and kept fraction*
+  (time follows the active rows), host-side and cached, because triton.autotune's repeated launches would replay
+  the self-zeroing ticket workspace and the z handoff between the two kernels. ``RSparseLinear.decode_layout()``
+  tunes each layer's one-row tile on CUDA; ``_pick_config``'s heuristic serves batches and untuned calls.
 * Mask: both compute |x| > t in the kernel from x (TEAL: fp16 x; here any float dtype, fp32 compare); R-Sparse
   adds the column-norm scale. Inactive rows of W^T are masked loads in both: no traffic, but the program still
   runs -- time follows active bytes only where the load latency, not the per-program fixed cost, dominates.
@@ -101,7 +104,7 @@ from ._common import INTERPRET as _INTERPRET
 from ._common import tl, triton, triton_available
 
 __all__ = ["rsparse_reference", "rsparse_gemv", "rsparse_available", "rsparse_allocation", "calibrate_threshold",
-           "prepare_rsparse_weight", "REDUCTIONS", "MAX_ROWS"]
+           "prepare_rsparse_weight", "tune_config", "tile_candidates", "REDUCTIONS", "MAX_ROWS"]
 
 REDUCTIONS = ("ticket", "memset")
 MAX_ROWS = 16
@@ -558,3 +561,73 @@ def rsparse_gemv(x, wt, scale, threshold, u=None, vs=None, *, out=None, reductio
     if x.dtype == torch.float32:
         return acc.view(out_shape)
     return acc.to(x.dtype).view(out_shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tuning per shape and sparsity
+# ----------------------------------------------------------------------------------------------------
+
+_TUNED: dict = {}
+
+
+def tile_candidates() -> list:
+    """Kernel B tiles tried by ``tune_config``: BLOCK_K 64-256 x BLOCK_N 32-512 (TEAL's range of BLOCK_N), at most
+    32K weights a program, with 4 or 8 warps for the larger ones. The interpreter gets three small tiles (a test of
+    the mechanism, not of speed)."""
+    if _INTERPRET:
+        return [dict(block_k=32, block_n=32, num_warps=1), dict(block_k=16, block_n=32, num_warps=1),
+                dict(block_k=32, block_n=16, num_warps=1)]
+    out = []
+    for bk in (64, 128, 256):
+        for bn in (32, 64, 128, 256, 512):
+            if bk * bn <= 32768:
+                out += [dict(block_k=bk, block_n=bn, num_warps=w) for w in ((4, 8) if bk * bn >= 16384 else (4,))]
+    return out
+
+
+def _time_call(fn, device) -> float:
+    """Seconds per call: CUDA graphs and triton's do_bench on CUDA (launch overhead out), the median of five
+    wall-clock calls elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e-3
+        except Exception:  # noqa: BLE001 -- a graph-unfriendly setup: plain events
+            return triton.testing.do_bench(fn, warmup=5, rep=20) * 1e-3
+    import time
+
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[2]
+
+
+@torch.no_grad()
+def tune_config(x, wt, scale, threshold, u=None, vs=None, *, candidates=None) -> dict:
+    """The fastest kernel B tile for this layer, shape and sparsity: each candidate (``tile_candidates``) is checked
+    against the heuristic's result, then timed; the best is cached by (device, rows, in, out, r, mask kind, dtype,
+    kept fraction to 0.05), so layers of one shape and sparsity tune once. Returns ``config`` for rsparse_gemv.
+    Call eagerly (not during graph capture): it launches every candidate."""
+    rows, k, n, r = _check_args(x, wt, scale, u, vs)
+    mag = x.float().abs() * (scale.float() if scale is not None else 1.0)
+    kept = float((mag > _threshold32(threshold)).float().mean())  # one sync, at tuning time only
+    key = (str(wt.device), torch.cuda.get_device_name(wt.device) if wt.is_cuda else "", rows, k, n, r,
+           scale is not None, wt.dtype, round(kept * 20) / 20)
+    if key in _TUNED:
+        return _TUNED[key]
+    ref = rsparse_gemv(x, wt, scale, threshold, u, vs).float()
+    tol = 1e-5 if x.dtype == torch.float32 and wt.dtype == torch.float32 else 1e-2
+    best, best_t = None, float("inf")
+    for cand in candidates or tile_candidates():
+        y = rsparse_gemv(x, wt, scale, threshold, u, vs, config=cand)
+        err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        if err > tol:
+            raise RuntimeError(f"rsparse_gemv with {cand} differs from the heuristic's tile by {err:.2e}")
+        t = _time_call(lambda: rsparse_gemv(x, wt, scale, threshold, u, vs, config=cand), wt.device)
+        if t < best_t:
+            best, best_t = cand, t
+    _TUNED[key] = best
+    return best

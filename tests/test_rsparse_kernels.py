@@ -412,13 +412,16 @@ def test_sparse_layers_decode_through_the_fused_kernel(alpha):
 @torch.no_grad()
 def test_compiled_decode_path_traces_the_kernel_whole():
     """llmx.sparse.evaluate.greedy_generate's served path: static KV cache, the decode step compiled with
-    fullgraph=True (one custom operator per sparse layer, no graph break), the same tokens as eager decoding.
+    fullgraph=True (one custom operator per sparse layer, no graph break, each with its tuned tile), the same tokens
+    as eager decoding.
     On CUDA the same call uses inductor with CUDA graphs (scripts/bench_rsparse_kernels.py --sections e2e)."""
     from llmx.sparse.evaluate import greedy_generate
 
     model, layers = sparse_tiny_llama(0.7)
     for layer in layers.values():
-        layer.decode_layout(kernel=True)
+        layer.decode_layout(kernel=True, tune=True)  # each layer's tile chosen by timing, passed through the operator
+        assert [dict(block_k=k, block_n=n, num_warps=w) for k, n, w in [layer.tile]][0] in rs.tile_candidates()
+    assert len(rs._TUNED) <= 10  # one tuning per shape and kept fraction, not per layer (14)
     prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     eager = greedy_generate(model, prompt, 4, compiled=False)
     assert not hasattr(model, "_compiled_call")

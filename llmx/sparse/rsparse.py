@@ -242,6 +242,7 @@ class RSparseLinear(nn.Module):
         self.bias = linear.bias
         self.weight_t: Optional[torch.Tensor] = None  # W^T contiguous, after decode_layout(); weight is then its view
         self.kernel = False  # decode_layout(): rows of single-token calls go to the fused Triton kernel
+        self.tile: Optional[List[int]] = None  # decode_layout(tune=True): the kernel's tile for one row
         self.s, self.alpha, self.threshold = float(s), float(alpha), float(threshold)
         self.rank = 0 if u is None else u.shape[1]
         self.register_buffer("u", u, persistent=False)
@@ -261,10 +262,12 @@ class RSparseLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, s={self.s:.3f}, alpha={self.alpha:.3f}, "
                 f"rank={self.rank}, threshold={self.threshold:.4g}, tokens={self.token_mode}")
 
-    def decode_layout(self, kernel: Optional[bool] = None) -> "RSparseLinear":
+    def decode_layout(self, kernel: Optional[bool] = None, tune: Optional[bool] = None) -> "RSparseLinear":
         """Store W as W^T contiguous (column-major W; `weight` becomes its transposed view, so W is held once) so a
         decoded token reads only its active channels' rows; with `kernel` (default: on CUDA where Triton runs) decode
-        calls go to the fused kernel, whose low-rank factor Vs is then stored column-major too."""
+        calls go to the fused kernel, whose low-rank factor Vs is then stored column-major too. With `tune` (default:
+        on CUDA) the kernel's tile for one row is chosen by timing (llmx.kernels.rsparse_gemv.tune_config) on a
+        Gaussian input thresholded to this layer's kept fraction; layers of one shape and sparsity share the result."""
         from llmx.kernels._common import triton_available
 
         if self.weight_t is None:
@@ -277,7 +280,20 @@ class RSparseLinear(nn.Module):
                                    f"tensors); the layer is on {self.weight.device}: use decode_layout(kernel=False)")
             if self.rank > 0 and self.svt.stride(0) != 1:
                 self.svt = self.svt.t().contiguous().t()  # (r, in) over (in, r) storage: a skipped channel, one row
+            if self.weight.is_cuda if tune is None else tune:
+                self.tile = self._tune()
         return self
+
+    def _tune(self) -> Optional[List[int]]:
+        from llmx.kernels.rsparse_gemv import tune_config
+
+        g = torch.Generator(device=self.weight.device).manual_seed(self.in_features)
+        x = torch.randn(1, self.in_features, generator=g, device=self.weight.device).to(self.weight.dtype)
+        mag = (x.float().abs() * (self.scale if self.weighted else 1.0)).reshape(-1).sort().values.cpu()
+        t = keep_threshold(mag, (1.0 - self.s) * self.alpha) if self.alpha > 0 else float("inf")
+        lr = (self.u, self.svt) if self.rank > 0 else (None, None)
+        best = tune_config(x, self.weight_t, self.scale if self.weighted else None, t, *lr)
+        return [best["block_k"], best["block_n"], best["num_warps"]]
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         mag = x.abs() * self.scale if self.weighted else x.abs().float()  # fp32, as the kernel compares
@@ -313,7 +329,8 @@ class RSparseLinear(nn.Module):
             self.active_channels += float(m.sum())
         threshold = self.threshold if self.alpha > 0 else float("inf")  # alpha = 0: every channel low-rank
         lr = (self.u, self.svt) if self.rank > 0 else (None, None)
-        y = rsparse_gemv_op(x, self.weight_t, self.scale if self.weighted else None, threshold, *lr)
+        tile = self.tile if x.numel() == x.shape[-1] else None  # tuned for one row; batches keep the heuristic
+        y = rsparse_gemv_op(x, self.weight_t, self.scale if self.weighted else None, threshold, *lr, tile)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,16 +353,17 @@ class RSparseLinear(nn.Module):
 
 @torch.library.custom_op("llmx::rsparse_gemv", mutates_args=())
 def rsparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Tensor], threshold: float,
-                    u: Optional[torch.Tensor], vs: Optional[torch.Tensor]) -> torch.Tensor:
+                    u: Optional[torch.Tensor], vs: Optional[torch.Tensor], tile: Optional[List[int]] = None) -> torch.Tensor:
     """The fused kernel as one PyTorch operator: torch.compile traces the layer through it without a graph break
-    (the kernel's launch logic stays in Python) and CUDA graphs capture it."""
+    (the kernel's launch logic stays in Python) and CUDA graphs capture it. tile: (block_k, block_n, num_warps)."""
     from llmx.kernels.rsparse_gemv import rsparse_gemv  # at call time: tests reload the kernel module
 
-    return rsparse_gemv(x, wt, scale, threshold, u, vs)
+    config = None if tile is None else dict(block_k=tile[0], block_n=tile[1], num_warps=tile[2])
+    return rsparse_gemv(x, wt, scale, threshold, u, vs, config=config)
 
 
 @rsparse_gemv_op.register_fake
-def _(x, wt, scale, threshold, u, vs):
+def _(x, wt, scale, threshold, u, vs, tile=None):
     return x.new_empty((*x.shape[:-1], wt.shape[1]))
 
 
