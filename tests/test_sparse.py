@@ -270,6 +270,14 @@ def test_match_sparsity_reaches_the_target_on_its_text_for_teal_and_rsparse():
         assert got["scale"] != 1.0 and got["steps"] > 1
         assert any(layer.rank > 0 for layer in layers.values()) == (alpha < 1)
         remove_sparsity(model)
+    # A plan that keeps layers dense: they count toward the model's weight, saving nothing.
+    plan = {n: (0.0 if "layers.0." in n else 0.6, 1.0) for n in shapes}
+    layers = apply_plan(model, cal, plan)
+    got = match_sparsity(model, layers, text, 0.4, shapes=shapes)
+    half = sum(i * o for n, (i, o) in shapes.items() if n in layers) / sum(i * o for i, o in shapes.values())
+    assert got["achieved"] == pytest.approx(0.4, abs=0.002) and half == pytest.approx(0.5)
+    assert sum(layer.threshold for layer in layers.values()) > 0  # the sparse half works harder: ~0.8 each
+    remove_sparsity(model)
     layers = apply_plan(model, cal, uniform_plan(shapes, 0.5, 1.0))
     with pytest.raises(RuntimeError, match="cannot reach"):
         match_sparsity(model, {n: layers[n] for n in list(layers)[:1]}, text, 0.5, max_steps=2)

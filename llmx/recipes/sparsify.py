@@ -152,7 +152,7 @@ def main(cfg) -> Dict[str, Any]:
             plan = _searched_plan(cfg, model, calib, calib_batches, shapes, level, svd, eval_mode)
         alloc_s = time.perf_counter() - t0
         layers = apply_plan(model, calib, plan, token_mode=eval_mode, token_fraction=sp.token_fraction, svd=svd)
-        matched = match_sparsity(model, layers, match_windows, level, tol=sp.match_tolerance) \
+        matched = match_sparsity(model, layers, match_windows, level, tol=sp.match_tolerance, shapes=shapes) \
             if sp.match_sparsity else None
         for layer in layers.values():
             layer.track = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,16 +103,18 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 64, r
 
 @torch.inference_mode()
 def match_sparsity(model: nn.Module, layers: Mapping[str, RSparseLinear], windows: Sequence[torch.Tensor],
-                   target: float, *, tol: float = 0.002, max_steps: int = 30) -> Dict[str, float]:
+                   target: float, *, tol: float = 0.002, max_steps: int = 30,
+                   shapes: Optional[Mapping[str, Tuple[int, int]]] = None) -> Dict[str, float]:
     """Scale every layer's threshold by one factor c so that the weight reads saved on `windows`, weighted by layer
-    size over `layers`, are within `tol` of `target`: methods compared at the sparsity they achieve, not the one
+    size over `shapes` (every targeted layer, {name: (in, out)}: those a plan keeps dense count as saving nothing;
+    default: `layers`), are within `tol` of `target`: methods compared at the sparsity they achieve, not the one
     they plan (calibration and evaluation text differ, so thresholds from one miss the target on the other by up
     to a few points). Bisection on log c; the layers keep the matched thresholds. Use windows that are not scored:
     no loss is read, but the scored text should not set its own thresholds.
     Returns {"scale": c, "achieved": sparsity on windows, "steps": forward passes}."""
     base = {n: layer.threshold for n, layer in layers.items()}
     sizes = {n: layer.in_features * layer.out_features for n, layer in layers.items()}
-    total = sum(sizes.values())
+    total = sum(i * o for i, o in shapes.values()) if shapes is not None else sum(sizes.values())
 
     def achieved(c: float) -> float:
         for n, layer in layers.items():
