@@ -17,7 +17,8 @@ they run on a bare GPU image. If ``llmx`` is not installed, the kernel module is
    (fresh zeroed fp32 buffers + cast instead of the self-cleaning ticket workspace). Thresholds are the
    quantile of |x| * scale (|x| for TEAL) of the Gaussian x used, so the kept fraction is exact. The
    low-rank factors are random (an SVD would give the same timing). Each variant's output is first
-   checked against rsparse_reference.
+   checked against rsparse_reference. s = 0.99 measures the fixed cost (launches, mask, reduction). On CUDA
+   also the tile ``tune_config`` picks for the shape and kept fraction (teal_tuned, rsparse_tuned).
 2. sweep: TEAL at s = 0.5, batch 1, over a few (BLOCK_K, BLOCK_N, warps) tiles, to check the heuristic.
 3. batch: 4096x4096 at s = 0.5 with 4 and 8 rows (union masks; tl.dot path): dense, TEAL, R-Sparse.
 4. decode: a Llama-7B-shaped decoder in plain torch (32 layers, hidden 4096, ffn 11008, 32 heads,
@@ -166,12 +167,19 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
                                                               reduction="memset")),
             }
             L0 = layers[0]
+            if be.cuda:  # the tile tune_config picks for this shape and kept fraction (what decode_layout uses)
+                tuned = {"teal": rs.tune_config(x, L0["wt"], None, L0["t_teal"]),
+                         "rsparse": rs.tune_config(x, L0["wt"], L0["scale"], L0["t_rs"], L0["u"], L0["vs"])}
+                variants["teal_tuned"] = lambda L: (lambda: be.sparse(x, L["wt"], None, L["t_teal"],
+                                                                      config=tuned["teal"]))
+                variants["rsparse_tuned"] = lambda L: (lambda: be.sparse(x, L["wt"], L["scale"], L["t_rs"], L["u"],
+                                                                         L["vs"], config=tuned["rsparse"]))
             refs = {"teal": rs.rsparse_reference(x.float(), L0["wt"], None, L0["t_teal"]),
                     "rsparse": rs.rsparse_reference(x.float(), L0["wt"], L0["scale"], L0["t_rs"], L0["u"], L0["vs"])}
             row = {"out": out_f, "in": in_f, "s": s, "rank": rank, "keep_rsparse": keep_rs, "keep_teal": keep_teal,
                    "active_rsparse": float((x.float().abs() * L0["scale"] > L0["t_rs"]).float().mean()),
                    "active_teal": float((x.float().abs() > L0["t_teal"]).float().mean()),
-                   "us": {}, "err": {}, "timer": {}}
+                   "us": {}, "err": {}, "timer": {}, "tuned": tuned if be.cuda else None}
             for name, make in variants.items():
                 try:
                     if name != "dense":
@@ -193,12 +201,12 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
     return {"rows": rows}
 
 
-COLS = ["teal", "rsparse", "rsparse_unfused", "teal_memset", "rsparse_memset"]
+COLS = ["teal", "rsparse", "rsparse_unfused", "teal_memset", "rsparse_memset", "teal_tuned", "rsparse_tuned"]
 
 
 def log_row(row):
     d = row["us"].get("dense")
-    cells = [f"{row['out']:>5}x{row['in']:<5}", f"{row['s']:.1f}", f"r={row['rank']:<4}"]
+    cells = [f"{row['out']:>5}x{row['in']:<5}", f"{row['s']:.2f}", f"r={row['rank']:<4}"]
     cells.append(f"dense {d:7.1f} us ({row.get('dense_TBps', 0):.2f} TB/s)" if d else "dense   failed")
     for c in COLS:
         v = row["us"].get(c)
@@ -210,7 +218,7 @@ def print_table(rows, title):
     log(f"\n{title}")
     head = (f"{'shape (out x in)':>17} {'s':>4} {'r':>4} {'dense us':>9} {'TB/s':>5} | {'teal us':>8} {'x':>5} | "
             f"{'rsparse us':>10} {'x':>5} | {'unfused us':>10} {'x':>5} | {'teal-memset':>11} {'x':>5} | "
-            f"{'rs-memset':>9} {'x':>5}")
+            f"{'rs-memset':>9} {'x':>5} | {'teal-tuned':>10} {'x':>5} | {'rs-tuned':>8} {'x':>5}")
     log(head)
     log("-" * len(head))
     for row in rows:
@@ -221,9 +229,9 @@ def print_table(rows, title):
             return f"{v:>{w}.1f} {d / v:>4.2f}x" if v and d else f"{'-':>{w}} {'-':>5}"
 
         dense = f"{d:>9.1f} {row.get('dense_TBps', 0):>5.2f}" if d else f"{'-':>9} {'-':>5}"
-        log(f"{row['out']:>8}x{row['in']:<8} {row['s']:>4.1f} {row['rank']:>4} {dense} | {cell('teal', 8)} | "
+        log(f"{row['out']:>8}x{row['in']:<8} {row['s']:>4.2f} {row['rank']:>4} {dense} | {cell('teal', 8)} | "
             f"{cell('rsparse', 10)} | {cell('rsparse_unfused', 10)} | {cell('teal_memset', 11)} | "
-            f"{cell('rsparse_memset', 9)}")
+            f"{cell('rsparse_memset', 9)} | {cell('teal_tuned', 10)} | {cell('rsparse_tuned', 8)}")
 
 
 # ---------------------------------------------------------------- 2. sweep
@@ -607,7 +615,7 @@ def main() -> int:
         log(f"\n=== {sec}")
         try:
             if sec == "layer":
-                results[sec] = bench_layer(be, shapes, (0.5, 0.7), args.copies, dtype)
+                results[sec] = bench_layer(be, shapes, (0.5, 0.7, 0.99), args.copies, dtype)  # 0.99: the fixed cost
                 print_table(results[sec]["rows"], f"per-layer, batch 1, {str(dtype)[6:]}, {env.get('gpu', 'cpu')} "
                             f"(timer: {results[sec]['rows'][0]['timer'].get('dense', '?')}); x = speed-up vs dense")
             elif sec == "sweep":

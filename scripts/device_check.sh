@@ -81,7 +81,7 @@ if [[ " $CHECKS " == *" rsparse "* ]]; then
   # "rsparse-parity ..." lines: the fused decode kernel against its fp32 reference, bf16 at the 7B shapes.
   step "pytest tests/test_rsparse_kernels.py" timeout 240 "$PY" -P -m pytest -q -s tests/test_rsparse_kernels.py
   # Per-layer time against cuBLAS (CUDA graphs, rotated weights), then batch-1 decode of a 7B-shaped model.
-  step "bench_rsparse_kernels.py" timeout 240 "$PY" -P scripts/bench_rsparse_kernels.py --device cuda \
+  step "bench_rsparse_kernels.py" timeout 300 "$PY" -P scripts/bench_rsparse_kernels.py --device cuda \
     --sections layer,decode,sweep,batch --out "$OUT_DIR"
 fi
 if [[ " $CHECKS " == *" hf "* ]]; then
