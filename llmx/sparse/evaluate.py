@@ -109,31 +109,53 @@ def match_sparsity(model: nn.Module, layers: Mapping[str, RSparseLinear], window
     size over `shapes` (every targeted layer, {name: (in, out)}: those a plan keeps dense count as saving nothing;
     default: `layers`), are within `tol` of `target`: methods compared at the sparsity they achieve, not the one
     they plan (calibration and evaluation text differ, so thresholds from one miss the target on the other by up
-    to a few points). Bisection on log c; the layers keep the matched thresholds. Use windows that are not scored:
+    to a few points). Regula falsi on log c; the layers keep the matched thresholds. Use windows that are not scored:
     no loss is read, but the scored text should not set its own thresholds.
     Returns {"scale": c, "achieved": sparsity on windows, "steps": forward passes}."""
     base = {n: layer.threshold for n, layer in layers.items()}
     sizes = {n: layer.in_features * layer.out_features for n, layer in layers.items()}
     total = sum(i * o for i, o in shapes.values()) if shapes is not None else sum(sizes.values())
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model  # the layers' inputs need no lm_head
+    device = next(model.parameters()).device
+    steps = 0
 
-    def achieved(c: float) -> float:
+    def gap(c: float) -> float:  # achieved - target at scale 2^c; rises with c
+        nonlocal steps
+        steps += 1
         for n, layer in layers.items():
-            layer.threshold = base[n] * c
+            layer.threshold = base[n] * 2.0 ** c
             layer.track, layer.seen_tokens, layer.active_channels = True, 0, 0.0
         for ids in windows:
-            model(input_ids=ids.to(next(model.parameters()).device))
+            body(input_ids=ids.to(device))
         saved = sum((layer.achieved() or 0.0) * sizes[n] for n, layer in layers.items())
         for layer in layers.values():
             layer.track, layer.seen_tokens, layer.active_channels = False, 0, 0.0
-        return saved / total
+        return saved / total - target
 
-    lo, hi, c = -8.0, 8.0, 0.0  # log2 of the scale; sparsity rises with the threshold
-    got, steps = achieved(1.0), 1
-    while abs(got - target) > tol and steps < max_steps:
-        lo, hi = (c, hi) if got < target else (lo, c)
-        c = (lo + hi) / 2
-        got, steps = achieved(2.0 ** c), steps + 1
-    if abs(got - target) > tol:
-        raise RuntimeError(f"threshold scale 2^{c:.3f} reaches sparsity {got:.4f}, not {target} ± {tol}: the layers "
-                           "cannot reach the target on this text")
-    return {"scale": 2.0 ** c, "achieved": got, "steps": steps}
+    # Bracket the root of gap in log2 c from c = 0 by doubling steps, then regula falsi (Illinois): a handful of
+    # forward passes where bisection over [-8, 8] took about a dozen.
+    a, fa = 0.0, gap(0.0)
+    c, fc = a, fa
+    step = -0.25 if fa > 0 else 0.25
+    while abs(fc) > tol and fa * fc > 0 and abs(c) < 8 and steps < max_steps:
+        a, fa = c, fc
+        c, step = c + step, step * 2
+        fc = gap(c)
+    b, fb, side = c, fc, 0
+    while abs(fc) > tol and fa * fb < 0 and steps < max_steps:
+        c = b - fb * (b - a) / (fb - fa)
+        fc = gap(c)
+        if fc * fb < 0:
+            a, fa = b, fb
+            side = 0
+        else:
+            side += 1
+            if side > 1:  # the same end kept twice: halve the other's weight (Illinois)
+                fa /= 2
+        b, fb = c, fc
+    if abs(fc) > tol:
+        for n, layer in layers.items():
+            layer.threshold = base[n]
+        raise RuntimeError(f"threshold scale 2^{c:.3f} reaches sparsity {fc + target:.4f}, not {target} ± {tol}: the "
+                           "layers cannot reach the target on this text")
+    return {"scale": 2.0 ** c, "achieved": fc + target, "steps": steps}
