@@ -80,8 +80,10 @@ Against TEAL's kernel (FasterDecoding/TEAL ``kernels/sparse_gemv.py``), point by
 * Low-rank term: TEAL has none. Here kernel A (z = Vs (x * (1 - m))) is a second launch; U z is fused into kernel
   B's first programs.
 * Fusion across projections: TEAL's gpt-fast integration fuses q/k/v (one W^T of their concatenated outputs, one
-  threshold, as their inputs and sparsities are equal); here each projection is its own call (R-Sparse's per-
-  projection s, alpha and column-norm masks would need per-segment thresholds and scales).
+  threshold, as their inputs and sparsities are equal); so does ``llmx.sparse.rsparse.fuse_shared_inputs`` for
+  q/k/v and gate/up whenever they share one mask (TEAL, equal thresholds). R-Sparse's projections each have their
+  own column-norm mask, threshold and low-rank term: one call each (fusing them needs per-segment thresholds,
+  scales and ranks in both kernels, not built).
 * Batch: TEAL handles one row only (its issue 12); here 1-16 rows, each with its own mask (union loads).
 * Integration: TEAL's speed-ups come from gpt-fast with torch.compile; here the layer (``RSparseLinear``) calls the
   kernel as the operator ``llmx::rsparse_gemv`` and ``llmx.sparse.evaluate.decode_speed`` compiles the HF decode

@@ -31,7 +31,8 @@ they run on a bare GPU image. If ``llmx`` is not installed, the kernel module is
 5. hf: the product path end to end: an HF LlamaForCausalLM of the Llama-3-8B shape (--hf-layers, random bf16
    weights) decoding 128 tokens greedily through llmx.sparse.evaluate.decode_speed (static KV cache, the step
    compiled with CUDA graphs), dense against TEAL and R-Sparse (s = 0.5 uniform, alpha = 0.95) applied by
-   llmx.sparse.apply_plan with the fused kernel inside the layers. Needs transformers and llmx.sparse (the
+   llmx.sparse.apply_plan with the fused kernel inside the layers (TEAL's q/k/v and gate/up as one launch each,
+   llmx.sparse.rsparse.fuse_shared_inputs, as its gpt-fast path does). Needs transformers and llmx.sparse (the
    device check's llmx shim provides the latter; neither needs Hydra).
 Sections fail independently: an error is printed and recorded in the JSON, and the next section runs.
 """
@@ -525,6 +526,7 @@ def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
 
     from llmx.sparse import apply_plan, calibrate, layer_shapes, remove_sparsity, uniform_plan
     from llmx.sparse.evaluate import decode_speed
+    from llmx.sparse.rsparse import fuse_shared_inputs
 
     config = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"], num_hidden_layers=cfg["layers"],
                          num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
@@ -548,6 +550,7 @@ def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
             layers = apply_plan(model, calib, uniform_plan(shapes, s, a), token_mode="decode", svd=RandomFactors())
             for layer in layers.values():
                 layer.decode_layout()
+            fuse_shared_inputs(model)  # TEAL's q/k/v and gate/up launches fused, as in its gpt-fast path
         t0 = time.perf_counter()
         r = decode_speed(model, prompt, new_tokens, repeats=3)
         r.pop("tokens")

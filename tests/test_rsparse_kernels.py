@@ -427,3 +427,39 @@ def test_compiled_decode_path_traces_the_kernel_whole():
     assert not hasattr(model, "_compiled_call")
     compiled = greedy_generate(model, prompt, 4, compiled=True, backend="aot_eager")
     assert hasattr(model, "_compiled_call") and torch.equal(compiled, eager)
+
+
+@torch.no_grad()
+def test_teal_q_k_v_and_gate_up_fuse_into_one_launch_each():
+    """fuse_shared_inputs: under uniform TEAL, q/k/v and gate/up share one threshold (one calibration sample), so
+    each group decodes in one kernel call over its concatenated W^T (the layers' W^T become views of it); the
+    tokens equal the unfused kernel path's, eager and compiled; R-Sparse layers are left alone."""
+    from llmx.sparse.evaluate import greedy_generate
+    from llmx.sparse.rsparse import fuse_shared_inputs
+
+    model, layers = sparse_tiny_llama(1.0)
+    for layer in layers.values():
+        layer.decode_layout(kernel=True)
+    prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    unfused = greedy_generate(model, prompt, 3, compiled=False)
+    calls = []
+    original = rs.rsparse_gemv
+    rs.rsparse_gemv = lambda *a, **k: calls.append(a[1].shape) or original(*a, **k)
+    try:
+        greedy_generate(model, prompt, 2, compiled=False)  # the prompt runs dense, then one decode step
+        per_step_unfused = len(calls)
+        assert fuse_shared_inputs(model) == 4  # 2 blocks x (q/k/v, gate/up)
+        calls.clear()
+        greedy_generate(model, prompt, 2, compiled=False)  # the prompt runs dense, then one decode step
+    finally:
+        rs.rsparse_gemv = original
+    assert per_step_unfused == 14 and len(calls) == 8  # 7 -> 4 launches per block
+    assert (64, 64 + 32 + 32) in calls and (64, 160 + 160) in calls
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q.weight_t.data_ptr() == q.group.wt.data_ptr() and q.weight.data_ptr() == q.group.wt.data_ptr()
+    assert torch.equal(greedy_generate(model, prompt, 3, compiled=False), unfused)
+    assert torch.equal(greedy_generate(model, prompt, 3, compiled=True, backend="aot_eager"), unfused)
+    rmodel, _ = sparse_tiny_llama(0.7)
+    for layer in _.values():
+        layer.decode_layout(kernel=True)
+    assert fuse_shared_inputs(rmodel) == 0

@@ -40,7 +40,7 @@ from llmx.models import load_pretrained
 from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, remove_sparsity, uniform_plan
 from llmx.sparse.artifact import artifact_size_bytes, save_artifact
 from llmx.sparse.evaluate import decode_speed, match_sparsity, perplexity
-from llmx.sparse.rsparse import RSparseLinear, SVDCache, svd_bytes, svd_max_rank
+from llmx.sparse.rsparse import RSparseLinear, SVDCache, fuse_shared_inputs, svd_bytes, svd_max_rank
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value
 
 
@@ -178,6 +178,7 @@ def main(cfg) -> Dict[str, Any]:
             for layer in layers.values():
                 layer.decode_layout()
                 layer.token_mode = "decode"
+            fuse_shared_inputs(model)  # on the kernel path (CUDA), TEAL's q/k/v and gate/up as one launch each
             speed = decode_speed(model, prompt, sp.decode_tokens)
             row["decode_tokens_per_s"] = speed["tokens_per_s"]
             row["decode_speedup"] = speed["tokens_per_s"] / dense_speed["tokens_per_s"]

@@ -243,6 +243,8 @@ class RSparseLinear(nn.Module):
         self.weight_t: Optional[torch.Tensor] = None  # W^T contiguous, after decode_layout(); weight is then its view
         self.kernel = False  # decode_layout(): rows of single-token calls go to the fused Triton kernel
         self.tile: Optional[List[int]] = None  # decode_layout(tune=True): the kernel's tile for one row
+        self.group: Optional["SharedInputGroup"] = None  # fuse_shared_inputs(): one kernel call for q/k/v, gate/up
+        self.group_slice, self.group_lead = (0, 0), False  # this layer's outputs in the group's, and who calls
         self.s, self.alpha, self.threshold = float(s), float(alpha), float(threshold)
         self.rank = 0 if u is None else u.shape[1]
         self.register_buffer("u", u, persistent=False)
@@ -327,6 +329,14 @@ class RSparseLinear(nn.Module):
             m = self.mask(x)
             self.seen_tokens += m.numel() // m.shape[-1]
             self.active_channels += float(m.sum())
+        group = self.group
+        if group is not None:  # one call for the group, made by its first member; the others take their slice
+            lo, hi = self.group_slice
+            if self.group_lead:
+                group.x, group.y = x, rsparse_gemv_op(x, group.wt, None, self.threshold, None, None, None)
+                return group.y[..., lo:hi]
+            if group.x is x:
+                return group.y[..., lo:hi]
         threshold = self.threshold if self.alpha > 0 else float("inf")  # alpha = 0: every channel low-rank
         lr = (self.u, self.svt) if self.rank > 0 else (None, None)
         tile = self.tile if x.numel() == x.shape[-1] else None  # tuned for one row; batches keep the heuristic
@@ -365,6 +375,44 @@ def rsparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Ten
 @rsparse_gemv_op.register_fake
 def _(x, wt, scale, threshold, u, vs, tile=None):
     return x.new_empty((*x.shape[:-1], wt.shape[1]))
+
+
+class SharedInputGroup:
+    """Projections that read one input with one mask (TEAL: alpha = 1, no low-rank term, equal thresholds) as one
+    kernel call over their concatenated W^T, which their own W^T are views of (W held once)."""
+
+    def __init__(self, members: Sequence[RSparseLinear]):
+        self.members = list(members)
+        self.wt = torch.cat([m.weight_t for m in members], dim=1)
+        lo = 0
+        for m in members:
+            m.group_slice, m.group_lead = (lo, lo + m.out_features), m is members[0]
+            m.weight_t = self.wt[:, lo: lo + m.out_features]
+            m.weight = nn.Parameter(m.weight_t.t(), requires_grad=False)
+            m.group, lo = self, lo + m.out_features
+        self.x: Optional[torch.Tensor] = None  # the input of the last call, and its outputs
+        self.y: Optional[torch.Tensor] = None
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """TEAL's fusion (its gpt-fast path): in each block, the projections that read the same input (q/k/v, gate/up)
+    and have one mask -- the kernel path on, alpha = 1, no bias, equal thresholds (uniform TEAL: they share one
+    calibration sample) -- decode in one kernel launch instead of two or three. R-Sparse's per-projection
+    column-norm masks and low-rank terms do not fuse this way. Returns the number of groups formed."""
+    formed = 0
+    for block in model.modules():
+        for names in SHARED_INPUTS:
+            members = [getattr(block, n, None) for n in names]
+            if not all(isinstance(m, RSparseLinear) and m.kernel and m.group is None and m.alpha == 1.0
+                       and m.bias is None for m in members):
+                continue
+            if len({m.threshold for m in members}) == 1 and len({m.token_mode for m in members}) == 1:
+                SharedInputGroup(members)
+                formed += 1
+    return formed
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
