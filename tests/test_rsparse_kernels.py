@@ -463,3 +463,20 @@ def test_teal_q_k_v_and_gate_up_fuse_into_one_launch_each():
     for layer in _.values():
         layer.decode_layout(kernel=True)
     assert fuse_shared_inputs(rmodel) == 0
+
+
+@torch.no_grad()
+def test_bf16_layers_choose_the_same_channels_on_both_paths():
+    """A bf16 model: the kernel path and the PyTorch path compare |x| * scale in fp32 alike, so they keep the same
+    channels, and the outputs agree to bf16 rounding (the kernel accumulates in fp32)."""
+    model, layers = sparse_tiny_llama(0.7)
+    model.to(torch.bfloat16)
+    for name, layer in layers.items():
+        x = torch.randn(4, 1, layer.in_features, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+        layer.decode_layout(kernel=False)
+        expected = layer(x)
+        layer.decode_layout(kernel=True)
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 2e-2, name
+        ref = rs.rsparse_reference(x.float(), layer.weight_t, layer.scale, layer.threshold, layer.u, layer.svt)
+        assert rel_err(got, ref) < 1e-2, name

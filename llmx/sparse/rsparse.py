@@ -298,7 +298,8 @@ class RSparseLinear(nn.Module):
         return [best["block_k"], best["block_n"], best["num_warps"]]
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        mag = x.abs() * self.scale if self.weighted else x.abs().float()  # fp32, as the kernel compares
+        # fp32, as the kernel compares (scale is fp32, unless model.to(dtype) cast the buffer: then its values)
+        mag = x.abs().float() * self.scale.float() if self.weighted else x.abs().float()
         return mag > self.threshold
 
     def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
