@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import run_llmx
@@ -157,6 +158,8 @@ def test_decode_layout_reads_rows_and_agrees():
     ref = layer(x)
     layer.decode_layout()
     assert torch.allclose(layer(x), ref, atol=1e-5)
+    layer.threshold = 1e9  # no channel passes: an empty bag, only the low-rank term
+    assert torch.allclose(layer(x), F.linear(F.linear(x, svt), u), atol=1e-5)
 
 
 def test_kernel_oracle_agrees_with_the_layer():

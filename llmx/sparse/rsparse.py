@@ -314,8 +314,11 @@ class RSparseLinear(nn.Module):
             # place from the rows (index_select then matmul would copy them first: twice the memory traffic).
             xv = x.reshape(-1)
             idx = m.reshape(-1).nonzero().squeeze(1)
-            y = F.embedding_bag(idx[None], self.weight_t, per_sample_weights=xv.index_select(0, idx)[None],
-                                mode="sum").reshape(*x.shape[:-1], -1)
+            if idx.numel():
+                y = F.embedding_bag(idx[None], self.weight_t, per_sample_weights=xv.index_select(0, idx)[None],
+                                    mode="sum").reshape(*x.shape[:-1], -1)
+            else:  # no channel passes (embedding_bag refuses an empty bag)
+                y = x.new_zeros(*x.shape[:-1], self.out_features)
         elif self.alpha > 0:
             y = F.linear(x * m, self.weight)
         else:
