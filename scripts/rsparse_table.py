@@ -101,6 +101,8 @@ def main() -> int:
     args = ap.parse_args()
     runs = []
     for run in args.runs:
+        if not run.is_dir():  # a shell glob's log files
+            continue
         if not (run / "results.json").exists():
             print(f"skipped {run}: no results.json (unfinished?)", file=sys.stderr)
             continue
