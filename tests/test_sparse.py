@@ -409,3 +409,38 @@ def test_sparsify_recipes_on_smollm2_share_the_greedy_paths(tmp_path, llmx_cache
     assert rows[1]["low_rank_layers"] == sum(e["rank"] > 0 for e in layers)
     assert "tokens sparsified: all" in (run / "results.md").read_text()
     assert "rsparse 50%" in rs.stdout
+
+
+def test_rsparse_table_pairs_runs_by_allocation(tmp_path):
+    """scripts/rsparse_table.py: one row per run, cells from results.json, and the fixed pairs as paired NLL
+    differences (mean and standard error of the per-window differences); another model's runs get their own table."""
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    def run(name, method, allocation, nll, model="m1"):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"model": {"name": model}, "sparsify": {"method": method, "allocation": allocation, "alpha": 0.95,
+                                                       "match_sparsity": True, "token_mode": "all",
+                                                       "search": {"init_greedy": True, "mode": "s_alpha"}}}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        dense = {"method": "dense", "level": 0.0, "ppl": 10.0, "ppl_se": 0.5, "tokens_scored": 99,
+                 "nll_rows": [2.3, 2.3, 2.3]}
+        row = {"method": method, "level": 0.5, "ppl": math.exp(sum(nll) / 3), "ppl_se": 0.1, "achieved": 0.5,
+               "nll_rows": nll}
+        (d / "results.json").write_text(json.dumps([dense, row]))
+        return d
+
+    dirs = [run("a", "rsparse", "greedy", [2.5, 2.7, 2.6]), run("b", "teal", "greedy", [2.4, 2.5, 2.6]),
+            run("c", "rsparse", "uniform", [3.0, 3.0, 3.0], model="m2")]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rsparse_table.py"
+    out = subprocess.run([sys.executable, str(script), *map(str, dirs), "--json", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "### m1" in out and "### m2" in out and "| rsparse greedy (alpha 0.95) | 0.500:" in out
+    (pair,) = json.loads((tmp_path / "t.json").read_text())["m1"]
+    assert pair["rsparse"].startswith("rsparse greedy") and pair["teal"] == "teal greedy"
+    assert pair["dnll"] == pytest.approx(0.1) and pair["dnll_se"] == pytest.approx(0.1 / math.sqrt(3))
