@@ -74,16 +74,22 @@ Against TEAL's kernel (FasterDecoding/TEAL ``kernels/sparse_gemv.py``), point by
 * Mask: both compute |x| > t in the kernel from x (TEAL: fp16 x; here any float dtype, fp32 compare); R-Sparse
   adds the column-norm scale. Inactive rows of W^T are masked loads in both: no traffic, but the program still
   runs -- time follows active bytes only where the load latency, not the per-program fixed cost, dominates.
+  The second design here (``rsparse_compact``, ``config={"design": "compact"}``) goes further than TEAL: the mask
+  is computed once per channel block and the active channels are compacted (a prefix sum) before any weight row
+  streams, and each program then loops over active rows only, so its work follows the active count; the tuner
+  times both designs.
 * Accumulation: TEAL adds fp16 partial sums atomically into a zeroed fp16 output (a memset launch and fp16
   rounding per add); here fp32 atomics into a self-zeroing workspace with a per-output-block ticket that casts
   once (no memset launch), or "memset".
 * Low-rank term: TEAL has none. Here kernel A (z = Vs (x * (1 - m))) is a second launch; U z is fused into kernel
-  B's first programs.
+  B's first programs. In the compacted design, the launch that compacts the mask also computes z (per channel
+  block, no atomics), so the low-rank term costs no launch of its own there either. (Computing z in the producer,
+  the RMSNorm before the projection, would save the second launch; not built: it needs the norm's kernel.)
 * Fusion across projections: TEAL's gpt-fast integration fuses q/k/v (one W^T of their concatenated outputs, one
   threshold, as their inputs and sparsities are equal); so does ``llmx.sparse.rsparse.fuse_shared_inputs`` for
   q/k/v and gate/up whenever they share one mask (TEAL, equal thresholds). R-Sparse's projections each have their
-  own column-norm mask, threshold and low-rank term: one call each (fusing them needs per-segment thresholds,
-  scales and ranks in both kernels, not built).
+  own column-norm mask, threshold and low-rank term: ``fuse_shared_inputs`` runs them as segments of one call of
+  the compacted kernels (per-segment scale row, threshold and rank), which TEAL's single-mask fusion cannot do.
 * Batch: TEAL handles one row only (its issue 12); here 1-16 rows, each with its own mask (union loads).
 * Integration: TEAL's speed-ups come from gpt-fast with torch.compile; here the layer (``RSparseLinear``) calls the
   kernel as the operator ``llmx::rsparse_gemv`` and ``llmx.sparse.evaluate.decode_speed`` compiles the HF decode
@@ -106,7 +112,8 @@ from ._common import INTERPRET as _INTERPRET
 from ._common import tl, triton, triton_available
 
 __all__ = ["rsparse_reference", "rsparse_gemv", "rsparse_available", "rsparse_allocation", "calibrate_threshold",
-           "prepare_rsparse_weight", "tune_config", "tile_candidates", "REDUCTIONS", "MAX_ROWS"]
+           "prepare_rsparse_weight", "tune_config", "tile_candidates", "tile_of", "config_of", "fastest",
+           "kept_fraction", "REDUCTIONS", "MAX_ROWS"]
 
 REDUCTIONS = ("ticket", "memset")
 MAX_ROWS = 16
@@ -479,9 +486,18 @@ def rsparse_gemv(x, wt, scale, threshold, u=None, vs=None, *, out=None, reductio
     Returns (..., out) in x's dtype, or writes ``out`` (a tensor of that shape, any float dtype) and
     returns it. ``reduction``: "ticket" (default, 1 or 2 launches) or "memset" (see the module doc).
     ``config`` overrides fields of the tile heuristic (block_k, block_n, num_warps, dot, block_ka, block_r,
-    num_warps_a, block_re). Graph-capturable: no host syncs, fixed launch sequence.
+    num_warps_a, block_re); with ``design="compact"`` the call runs ``rsparse_compact``'s two kernels instead
+    (its own tile fields; ``reduction`` does not apply). Graph-capturable: no host syncs, fixed launch sequence.
     """
     rows, k, n, r = _check_args(x, wt, scale, u, vs)
+    if config and config.get("design", "split") != "split":
+        if config["design"] != "compact":
+            raise ValueError(f"config design={config['design']!r}; valid: split, compact")
+        from .rsparse_compact import rsparse_gemv_compact
+
+        return rsparse_gemv_compact(x, wt, scale, [threshold], u.contiguous() if r else None, vs.t() if r else None,
+                                    ranks=[r], out=out, config=config)
+    config = {key: v for key, v in (config or {}).items() if key != "design"}
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not rsparse_available(wt.device):
@@ -570,21 +586,43 @@ def rsparse_gemv(x, wt, scale, threshold, u=None, vs=None, *, out=None, reductio
 # ----------------------------------------------------------------------------------------------------
 
 _TUNED: dict = {}
+_DESIGNS = ("split", "compact")
 
 
-def tile_candidates() -> list:
-    """Kernel B tiles tried by ``tune_config``: BLOCK_K 64-256 x BLOCK_N 32-512 (TEAL's range of BLOCK_N), at most
-    32K weights a program, with 4 or 8 warps for the larger ones. The interpreter gets three small tiles (a test of
-    the mechanism, not of speed)."""
+def tile_of(config: dict) -> list:
+    """A tuned config as a list of ints (what the ``llmx::rsparse_gemv`` operator carries): split [0, block_k,
+    block_n, num_warps]; compact [1, block_p, block_k, block_n, split, num_warps]."""
+    if config.get("design", "split") == "split":
+        return [0, config["block_k"], config["block_n"], config["num_warps"]]
+    return [1, config["block_p"], config["block_k"], config["block_n"], config["split"], config["num_warps"]]
+
+
+def config_of(tile) -> dict:
+    """The inverse of ``tile_of``."""
+    if tile[0] == 0:
+        return dict(design="split", block_k=tile[1], block_n=tile[2], num_warps=tile[3])
+    return dict(design="compact", block_p=tile[1], block_k=tile[2], block_n=tile[3], split=tile[4], num_warps=tile[5])
+
+
+def tile_candidates(n: int | None = None) -> list:
+    """Tiles tried by ``tune_config``. Split design: BLOCK_K 64-256 x BLOCK_N 32-512 (TEAL's range of BLOCK_N), at
+    most 32K weights a program, with 4 or 8 warps for the larger ones; with ``n`` (outputs) also the compacted
+    design's (``rsparse_compact.compact_candidates``). The interpreter gets a few small tiles (a test of the
+    mechanism, not of speed)."""
+    from .rsparse_compact import compact_candidates
+
+    extra = compact_candidates(n) if n is not None else []
     if _INTERPRET:
-        return [dict(block_k=32, block_n=32, num_warps=1), dict(block_k=16, block_n=32, num_warps=1),
-                dict(block_k=32, block_n=16, num_warps=1)]
+        return [dict(design="split", block_k=32, block_n=32, num_warps=1),
+                dict(design="split", block_k=16, block_n=32, num_warps=1),
+                dict(design="split", block_k=32, block_n=16, num_warps=1)] + extra
     out = []
     for bk in (64, 128, 256):
         for bn in (32, 64, 128, 256, 512):
             if bk * bn <= 32768:
-                out += [dict(block_k=bk, block_n=bn, num_warps=w) for w in ((4, 8) if bk * bn >= 16384 else (4,))]
-    return out
+                out += [dict(design="split", block_k=bk, block_n=bn, num_warps=w)
+                        for w in ((4, 8) if bk * bn >= 16384 else (4,))]
+    return out + extra
 
 
 def _time_call(fn, device) -> float:
@@ -607,29 +645,40 @@ def _time_call(fn, device) -> float:
     return sorted(times)[2]
 
 
-@torch.no_grad()
-def tune_config(x, wt, scale, threshold, u=None, vs=None, *, candidates=None) -> dict:
-    """The fastest kernel B tile for this layer, shape and sparsity: each candidate (``tile_candidates``) is checked
-    against the heuristic's result, then timed; the best is cached by (device, rows, in, out, r, mask kind, dtype,
-    kept fraction to 0.05), so layers of one shape and sparsity tune once. Returns ``config`` for rsparse_gemv.
-    Call eagerly (not during graph capture): it launches every candidate."""
-    rows, k, n, r = _check_args(x, wt, scale, u, vs)
-    mag = x.float().abs() * (scale.float() if scale is not None else 1.0)
-    kept = float((mag > _threshold32(threshold)).float().mean())  # one sync, at tuning time only
-    key = (str(wt.device), torch.cuda.get_device_name(wt.device) if wt.is_cuda else "", rows, k, n, r,
-           scale is not None, wt.dtype, round(kept * 20) / 20)
+def fastest(key, call, candidates, tol: float) -> dict:
+    """The candidate config for which ``call(config)`` is fastest, each first checked against ``call(None)`` (the
+    heuristic) to ``tol``; cached under ``key`` (which must name everything the timing depends on)."""
     if key in _TUNED:
         return _TUNED[key]
-    ref = rsparse_gemv(x, wt, scale, threshold, u, vs).float()
-    tol = 1e-5 if x.dtype == torch.float32 and wt.dtype == torch.float32 else 1e-2
+    ref = call(None).float()
     best, best_t = None, float("inf")
-    for cand in candidates or tile_candidates():
-        y = rsparse_gemv(x, wt, scale, threshold, u, vs, config=cand)
+    for cand in candidates:
+        y = call(cand)
         err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         if err > tol:
-            raise RuntimeError(f"rsparse_gemv with {cand} differs from the heuristic's tile by {err:.2e}")
-        t = _time_call(lambda: rsparse_gemv(x, wt, scale, threshold, u, vs, config=cand), wt.device)
+            raise RuntimeError(f"R-Sparse kernel with {cand} differs from the heuristic's tile by {err:.2e}")
+        t = _time_call(lambda: call(cand), ref.device)
         if t < best_t:
             best, best_t = cand, t
     _TUNED[key] = best
     return best
+
+
+def kept_fraction(x, scale, threshold) -> float:
+    """Share of (row, channel) entries the mask keeps; one device sync (tuning and bookkeeping only)."""
+    mag = x.float().abs() * (scale.float() if scale is not None else 1.0)
+    return float((mag > _threshold32(threshold)).float().mean())
+
+
+@torch.no_grad()
+def tune_config(x, wt, scale, threshold, u=None, vs=None, *, candidates=None) -> dict:
+    """The fastest tile for this layer, shape and sparsity, over both designs (``tile_candidates``): each checked
+    against the heuristic's result, then timed; cached by (device, rows, in, out, r, mask kind, dtype, kept fraction
+    to 0.05), so layers of one shape and sparsity tune once. Returns ``config`` for rsparse_gemv (``tile_of`` turns
+    it into the operator's ints). Call eagerly (not during graph capture): it launches every candidate."""
+    rows, k, n, r = _check_args(x, wt, scale, u, vs)
+    key = (str(wt.device), torch.cuda.get_device_name(wt.device) if wt.is_cuda else "", rows, k, n, r,
+           scale is not None, wt.dtype, round(kept_fraction(x, scale, threshold) * 20) / 20)
+    tol = 1e-5 if x.dtype == torch.float32 and wt.dtype == torch.float32 else 1e-2
+    return fastest(key, lambda cfg: rsparse_gemv(x, wt, scale, threshold, u, vs, config=cfg),
+                   candidates or tile_candidates(n), tol)

@@ -1,6 +1,6 @@
 """Benchmarks of the R-Sparse decode GEMV (llmx.kernels.rsparse_gemv): per layer, and a Llama-7B decode step.
 
-    python scripts/bench_rsparse_kernels.py --device cuda [--out outputs/bench] [--sections layer,decode,hf,sweep,batch]
+    python scripts/bench_rsparse_kernels.py --device cuda [--out outputs/bench] [--sections layer,fused,decode,hf,...]
     python scripts/bench_rsparse_kernels.py --device cpu --smoke     # tiny shapes, PyTorch reference path only
 
 Every speed-up is against cuBLAS dense (torch.nn.functional.linear) measured in the same run.
@@ -19,6 +19,11 @@ they run on a bare GPU image. If ``llmx`` is not installed, the kernel module is
    low-rank factors are random (an SVD would give the same timing). Each variant's output is first
    checked against rsparse_reference. s = 0.99 measures the fixed cost (launches, mask, reduction). On CUDA
    also the tile ``tune_config`` picks for the shape and kept fraction (teal_tuned, rsparse_tuned).
+   Also the compacted design (kernels/rsparse_compact.py: active channels listed first, a loop over them only)
+   with its untuned tiles (teal_compact, rsparse_compact); the tuned columns choose over both designs.
+2b. fused: q/k/v (4096 -> 4096 + 1024 + 1024, Llama-3-8B) and gate/up (4096 -> 2 x 14336) at batch 1, s = 0.5,
+   alpha 0.95: dense over the concatenated W against R-Sparse one call per projection (either design) and one
+   segmented call per group (each projection its own mask, threshold and low-rank term), heuristic and tuned.
 2. sweep: TEAL at s = 0.5, batch 1, over a few (BLOCK_K, BLOCK_N, warps) tiles, to check the heuristic.
 3. batch: 4096x4096 at s = 0.5 with 4 and 8 rows (union masks; tl.dot path): dense, TEAL, R-Sparse.
 4. decode: a Llama-7B-shaped decoder in plain torch (32 layers, hidden 4096, ffn 11008, 32 heads,
@@ -32,7 +37,8 @@ they run on a bare GPU image. If ``llmx`` is not installed, the kernel module is
    weights) decoding 128 tokens greedily through llmx.sparse.evaluate.decode_speed (static KV cache, the step
    compiled with CUDA graphs), dense against TEAL and R-Sparse (s = 0.5 uniform, alpha = 0.95) applied by
    llmx.sparse.apply_plan with the fused kernel inside the layers (TEAL's q/k/v and gate/up as one launch each,
-   llmx.sparse.rsparse.fuse_shared_inputs, as its gpt-fast path does). Needs transformers and llmx.sparse (the
+   llmx.sparse.rsparse.fuse_shared_inputs, as its gpt-fast path does); R-Sparse both per projection and with
+   q/k/v and gate/up as segmented calls (rsparse_fused). Needs transformers and llmx.sparse (the
    device check's llmx shim provides the latter; neither needs Hydra).
 Sections fail independently: an error is printed and recorded in the JSON, and the next section runs.
 """
@@ -166,6 +172,10 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
                 "teal_memset": lambda L: (lambda: be.sparse(x, L["wt"], None, L["t_teal"], reduction="memset")),
                 "rsparse_memset": lambda L: (lambda: be.sparse(x, L["wt"], L["scale"], L["t_rs"], L["u"], L["vs"],
                                                               reduction="memset")),
+                # the compacted design with its untuned tiles (kernels/rsparse_compact.py)
+                "teal_compact": lambda L: (lambda: be.sparse(x, L["wt"], None, L["t_teal"], config=COMPACT)),
+                "rsparse_compact": lambda L: (lambda: be.sparse(x, L["wt"], L["scale"], L["t_rs"], L["u"], L["vs"],
+                                                               config=COMPACT)),
             }
             L0 = layers[0]
             if be.cuda:  # the tile tune_config picks for this shape and kept fraction (what decode_layout uses)
@@ -202,7 +212,9 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
     return {"rows": rows}
 
 
-COLS = ["teal", "rsparse", "rsparse_unfused", "teal_memset", "rsparse_memset", "teal_tuned", "rsparse_tuned"]
+COMPACT = {"design": "compact"}
+COLS = ["teal", "rsparse", "rsparse_unfused", "teal_memset", "rsparse_memset", "teal_compact", "rsparse_compact",
+        "teal_tuned", "rsparse_tuned"]
 
 
 def log_row(row):
@@ -219,7 +231,8 @@ def print_table(rows, title):
     log(f"\n{title}")
     head = (f"{'shape (out x in)':>17} {'s':>4} {'r':>4} {'dense us':>9} {'TB/s':>5} | {'teal us':>8} {'x':>5} | "
             f"{'rsparse us':>10} {'x':>5} | {'unfused us':>10} {'x':>5} | {'teal-memset':>11} {'x':>5} | "
-            f"{'rs-memset':>9} {'x':>5} | {'teal-tuned':>10} {'x':>5} | {'rs-tuned':>8} {'x':>5}")
+            f"{'rs-memset':>9} {'x':>5} | {'teal-cmp':>8} {'x':>5} | {'rs-cmp':>8} {'x':>5} | "
+            f"{'teal-tuned':>10} {'x':>5} | {'rs-tuned':>8} {'x':>5}")
     log(head)
     log("-" * len(head))
     for row in rows:
@@ -232,7 +245,10 @@ def print_table(rows, title):
         dense = f"{d:>9.1f} {row.get('dense_TBps', 0):>5.2f}" if d else f"{'-':>9} {'-':>5}"
         log(f"{row['out']:>8}x{row['in']:<8} {row['s']:>4.2f} {row['rank']:>4} {dense} | {cell('teal', 8)} | "
             f"{cell('rsparse', 10)} | {cell('rsparse_unfused', 10)} | {cell('teal_memset', 11)} | "
-            f"{cell('rsparse_memset', 9)} | {cell('teal_tuned', 10)} | {cell('rsparse_tuned', 8)}")
+            f"{cell('rsparse_memset', 9)} | {cell('teal_compact', 8)} | {cell('rsparse_compact', 8)} | "
+            f"{cell('teal_tuned', 10)} | {cell('rsparse_tuned', 8)}")
+        if row.get("tuned"):
+            log(f"{'':>17} tuned tiles: teal {row['tuned']['teal']}, rsparse {row['tuned']['rsparse']}")
 
 
 # ---------------------------------------------------------------- 2. sweep
@@ -260,6 +276,71 @@ def bench_sweep(be: Backend, shapes, copies, dtype) -> dict:
             + f"  -> best {best[1]} ({best[0]:.1f} us; default 128x64w4)")
         rows.append({"out": out_f, "in": in_f, "us": res, "best": best[1]})
         del layers
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------- 2b. fused
+def bench_fused(be: Backend, hidden, groups, s, alpha, copies, dtype) -> dict:
+    """Projections that read one input, at batch 1: dense (one F.linear over the concatenated W, as HF's fused
+    checkpoints or gpt-fast run them), R-Sparse as one call per projection (split design, heuristic tiles; and the
+    compacted design), and R-Sparse as one segmented call of the compacted kernels (each projection its own mask,
+    threshold and low-rank term) with heuristic and tuned tiles."""
+    from importlib import import_module
+
+    rc = import_module(rs.__name__.rsplit(".", 1)[0] + ".rsparse_compact")
+    gen = torch.Generator(device=be.device).manual_seed(3)
+    rows = []
+    for gname, outs in groups.items():
+        x = torch.randn(1, hidden, generator=gen, device=be.device, dtype=dtype)
+        copies_ = []
+        for _ in range(copies):
+            parts = [make_copies(o, hidden, s, alpha, 1, be.device, dtype, gen) for o in outs]
+            mem = [p[0][0] for p in parts]
+            for m, (_, keep, _) in zip(mem, parts):
+                m["t"] = rs.calibrate_threshold(x, m["scale"], keep)
+            ranks = [p[2] for p in parts]
+            copies_.append(dict(
+                mem=mem, ranks=ranks, w=torch.cat([m["w"] for m in mem]), wt=torch.cat([m["wt"] for m in mem], 1),
+                scale=torch.stack([m["scale"] for m in mem]), ts=[m["t"] for m in mem],
+                u=torch.cat([m["u"].reshape(-1) for m in mem if m["u"] is not None]) if sum(ranks) else None,
+                vst=(torch.cat([m["vs"].t() for m in mem if m["vs"] is not None], 1).contiguous()
+                     if sum(ranks) else None)))
+        c0 = copies_[0]
+
+        def seg(c, cfg=None):
+            if not be.cuda:
+                return rc.rsparse_reference_compact(x, c["wt"], c["scale"], c["ts"], c["u"], c["vst"], outs=outs,
+                                                    ranks=c["ranks"])
+            return rc.rsparse_gemv_compact(x, c["wt"], c["scale"], c["ts"], c["u"], c["vst"], outs=outs,
+                                           ranks=c["ranks"], config=cfg)
+
+        def per_layer(c, cfg=None):
+            return [be.sparse(x, m["wt"], m["scale"], m["t"], m["u"], m["vs"], config=cfg) for m in c["mem"]]
+
+        tuned = None
+        if be.cuda:
+            tuned = rs.fastest(("bench-fused", gname, dtype), lambda cfg: seg(c0, cfg),
+                               rc.compact_candidates(sum(outs)), 1e-2)
+        ref = rc.rsparse_reference_compact(x.float(), c0["wt"], c0["scale"], c0["ts"], c0["u"], c0["vst"], outs=outs,
+                                           ranks=c0["ranks"])
+        err = rel_err(seg(c0), ref)
+        if err > 2e-2:
+            raise AssertionError(f"fused {gname}: rel err {err:.2e} against the reference")
+        fns = {"dense": lambda c: F.linear(x, c["w"]), "rsparse_per_layer": per_layer,
+               "rsparse_per_layer_compact": lambda c: per_layer(c, COMPACT), "rsparse_fused": seg,
+               "rsparse_fused_tuned": lambda c: seg(c, tuned)}
+        row = {"group": gname, "outs": outs, "ranks": c0["ranks"], "us": {}, "err": err, "tuned": tuned}
+        for name, fn in fns.items():
+            try:
+                row["us"][name] = be.time_us(rotating([lambda c=c, fn=fn: fn(c) for c in copies_]))[0]
+            except Exception as e:  # noqa: BLE001
+                row["us"][name] = None
+                log(f"  fused {gname} {name}: FAILED {type(e).__name__}: {e}")
+        d = row["us"]["dense"]
+        log(f"fused {gname} {outs} <- {hidden} s={s} alpha={alpha} ranks {c0['ranks']}: "
+            + " ".join(f"{k} {v:.1f} us" + (f" ({d / v:.2f}x)" if d and v and k != "dense" else "")
+                       for k, v in row["us"].items() if v) + f"; tuned {tuned}")
+        rows.append(row)
     return {"rows": rows}
 
 
@@ -544,13 +625,15 @@ def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
     shapes = layer_shapes(model)
     res = {"config": {**cfg, "dtype": str(dtype), "new_tokens": new_tokens, "sparsity": s, "alpha": alpha},
            "variants": {}}
-    for name, a in (("dense", None), ("teal", 1.0), ("rsparse", alpha)):
+    for name, a, fuse in (("dense", None, False), ("teal", 1.0, True), ("rsparse", alpha, False),
+                          ("rsparse_fused", alpha, True)):
         layers = {}
         if a is not None:
             layers = apply_plan(model, calib, uniform_plan(shapes, s, a), token_mode="decode", svd=RandomFactors())
             for layer in layers.values():
                 layer.decode_layout()
-            fuse_shared_inputs(model)  # TEAL's q/k/v and gate/up launches fused, as in its gpt-fast path
+            if fuse:  # TEAL: q/k/v and gate/up one launch each (its gpt-fast path); R-Sparse: one segmented call each
+                fuse_shared_inputs(model)
         t0 = time.perf_counter()
         r = decode_speed(model, prompt, new_tokens, repeats=3)
         r.pop("tokens")
@@ -572,7 +655,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (required on CPU: reference path only)")
-    ap.add_argument("--sections", default="layer,decode,hf,sweep,batch")
+    ap.add_argument("--sections", default="layer,fused,decode,hf,sweep,batch")
     ap.add_argument("--copies", type=int, default=4, help="weight copies rotated per timing (>= 4 defeats L2)")
     ap.add_argument("--steps", type=int, default=100, help="decode steps timed")
     ap.add_argument("--decode-variants", default="dense,rsparse,teal,rsparse_memset")
@@ -623,6 +706,10 @@ def main() -> int:
                             f"(timer: {results[sec]['rows'][0]['timer'].get('dense', '?')}); x = speed-up vs dense")
             elif sec == "sweep":
                 results[sec] = bench_sweep(be, shapes, args.copies, dtype)
+            elif sec == "fused":
+                hidden = shapes[0][1]
+                groups = {"qkv": [hidden, hidden // 4, hidden // 4], "gate_up": [shapes[1][0], shapes[1][0]]}
+                results[sec] = bench_fused(be, hidden, groups, 0.5, 0.95, args.copies, dtype)
             elif sec == "batch":
                 results[sec] = bench_batch(be, shapes[0], (4, 8), args.copies, dtype)
             elif sec == "hf":

@@ -290,6 +290,99 @@ def test_rejects_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------------
+# the compacted design (llmx.kernels.rsparse_compact): one layer, and q/k/v-like segments
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_segments(k, outs, ranks, *, dtype=torch.float32, device=DEVICE, seed=0):
+    """(wt, scale (S, in), u flat, vst (in, sum r)) of len(outs) projections of one input, in the group layout."""
+    parts = [make_layer(k, o, r, dtype=dtype, seed=seed + i, device=device)[1:] for i, (o, r) in
+             enumerate(zip(outs, ranks))]
+    wt = torch.cat([p[0] for p in parts], dim=1).contiguous()
+    scale = torch.stack([p[1] for p in parts])
+    u = torch.cat([p[2].reshape(-1) for p in parts if p[2] is not None]) if sum(ranks) else None
+    vst = torch.cat([p[3].t() for p in parts if p[3] is not None], dim=1) if sum(ranks) else None
+    return wt, scale, u, vst
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("r", [0, 8])
+def test_compact_design_matches_reference(r, rows, dtype):
+    """design="compact" through rsparse_gemv (the layer's route), with and without splits over the channel blocks
+    (splits > 1: atomics and the per-block ticket, which must leave its workspace zeroed), 16-row dot included."""
+    import llmx.kernels.rsparse_compact as rc
+
+    _, wt, scale, u, vs = make_layer(37, 53, r, dtype=dtype)
+    x = make_x(rows, 37, dtype=dtype)
+    t = rs.calibrate_threshold(x, scale, 0.45)
+    ref = rs.rsparse_reference(x, wt, scale, t, u, vs)
+    for cfg in (dict(split=1), dict(split=3, block_k=16, dot=True)):
+        y = rs.rsparse_gemv(x, wt, scale, t, u, vs, config=dict(design="compact", **cfg))
+        err = rel_err(y, ref)
+        print(f"rsparse-parity compact 37x53 r={r} B={rows} {cfg} {str(dtype)[6:]}: rel err {err:.2e}")
+        assert y.dtype == dtype and err < TOL[dtype]
+    for key, ws in rc._WORKSPACES.items():
+        assert not ws["acc"].any() and not ws["tk"].any(), key
+
+
+def test_compact_lists_only_the_active_channels():
+    """Kernel P's output: per channel block, the channels some row keeps, in order, their count, and x*m per row --
+    what makes kernel G's work follow the active count."""
+    import llmx.kernels.rsparse_compact as rc
+
+    _, wt, scale, u, vs = make_layer(40, 32, 0)
+    x = make_x(2, 40)
+    t = rs.calibrate_threshold(x, scale, 0.3)
+    rs.rsparse_gemv(x, wt, scale, t, config=dict(design="compact", block_p=16, split=1))
+    ws = rc._WORKSPACES[(wt.device, 2, 40, 32, 1, 0, 2, 16, False)]
+    keep = masks(x, scale, t)
+    for p in range(3):  # 40 channels in blocks of 16
+        active = keep[:, p * 16: (p + 1) * 16].any(0).nonzero().squeeze(1) + p * 16
+        assert int(ws["cnt"][p]) == len(active)
+        assert torch.equal(ws["idx"][p * 16: p * 16 + len(active)].long().cpu(), active.cpu())
+        xc = ws["xc"].view(3, 2, 16)[p, :, : len(active)]
+        assert torch.equal(xc, torch.where(keep, x, 0.0)[:, active])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compact_segments_each_keep_their_mask_and_rank(rows):
+    """Three projections of one input in one call: different thresholds, column norms and ranks, one of them TEAL
+    (scale row of ones, rank 0) and one all low-rank (threshold inf); equal to three reference calls."""
+    import llmx.kernels.rsparse_compact as rc
+
+    outs, ranks = [64, 32, 48], [8, 0, 5]
+    wt, scale, u, vst = make_segments(72, outs, ranks)
+    scale[1] = 1.0
+    x = make_x(rows, 72)
+    ts = [rs.calibrate_threshold(x, scale[0], 0.5), rs.calibrate_threshold(x, None, 0.3), float("inf")]
+    ref = rc.rsparse_reference_compact(x, wt, scale, ts, u, vst, outs=outs, ranks=ranks)
+    assert rel_err(ref[:, 64:96], rs.rsparse_reference(x, wt[:, 64:96], None, ts[1])) == 0
+    for cfg in (None, dict(split=1, block_n=64)):  # block_n 64 must shrink to 32: no block straddles q and k
+        y = rc.rsparse_gemv_compact(x, wt, scale, ts, u, vst, outs=outs, ranks=ranks, config=cfg)
+        assert rel_err(y, ref) < 1e-5, cfg
+
+
+def test_compact_rejects_bad_segments():
+    import llmx.kernels.rsparse_compact as rc
+
+    wt, scale, u, vst = make_segments(24, [32, 16], [4, 0])
+    x = make_x(1, 24)
+    with pytest.raises(ValueError, match="summing"):
+        rc.rsparse_gemv_compact(x, wt, scale, [0.1, 0.1], u, vst, outs=[32, 15], ranks=[4, 0])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        rc.rsparse_gemv_compact(x, wt, scale, [0.1, 0.1], u, vst, outs=[24, 24], ranks=[4, 0])
+    with pytest.raises(ValueError, match="one threshold per segment"):
+        rc.rsparse_gemv_compact(x, wt, scale, [0.1], u, vst, outs=[32, 16], ranks=[4, 0])
+    with pytest.raises(ValueError, match="sum"):
+        rc.rsparse_gemv_compact(x, wt, scale, [0.1, 0.1], u, vst, outs=[32, 16], ranks=[4, 4])
+    with pytest.raises(ValueError, match="unknown compact config"):
+        rc.rsparse_gemv_compact(x, wt, scale, [0.1, 0.1], u, vst, outs=[32, 16], ranks=[4, 0], config={"bk": 2})
+    with pytest.raises(ValueError, match="design"):
+        rs.rsparse_gemv(x, wt, None, 0.1, config={"design": "tree"})
+
+
+# ----------------------------------------------------------------------------------------------------
 # CUDA only: Llama-7B layer shapes in bf16 against an fp32 reference
 # ----------------------------------------------------------------------------------------------------
 
@@ -369,6 +462,42 @@ def test_cuda_graph_replay(rows):
         assert rel_err(y2, rs.rsparse_reference(x.float(), half, None, 1.0)) < 1e-2
 
 
+@cuda
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("split", [1, 4])
+def test_cuda_compact_llama3_qkv_segments_bf16(split, rows):
+    """Llama-3-8B's q/k/v (4096 -> 4096 + 1024 + 1024) as three R-Sparse segments in bf16, repeated calls (clean
+    workspace) and a CUDA-graph replay with new inputs, against an fp32 reference."""
+    import llmx.kernels.rsparse_compact as rc
+
+    outs = [4096, 1024, 1024]
+    parts = [cuda_layer(o, 4096, rs.rsparse_allocation(4096, o, 0.5, 0.95)[1] // 16 * 16, seed=i)
+             for i, o in enumerate(outs)]
+    ranks = [p[2].shape[1] for p in parts]
+    wt = torch.cat([p[0] for p in parts], dim=1).contiguous()
+    scale = torch.stack([p[1] for p in parts])
+    u = torch.cat([p[2].reshape(-1) for p in parts])
+    vst = torch.cat([p[3].t() for p in parts], dim=1).contiguous()
+    x = torch.randn(rows, 4096, device="cuda").bfloat16()
+    ts = [rs.calibrate_threshold(x, scale[i], 0.5 * 0.95) for i in range(3)]
+    cfg = dict(split=split)
+
+    def ref():
+        return rc.rsparse_reference_compact(x.float(), wt, scale, ts, u, vst, outs=outs, ranks=ranks)
+
+    for _ in range(3):
+        y = rc.rsparse_gemv_compact(x, wt, scale, ts, u, vst, outs=outs, ranks=ranks, config=cfg)
+        assert y.dtype == torch.bfloat16 and rel_err(y, ref()) < 1e-2
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = rc.rsparse_gemv_compact(x, wt, scale, ts, u, vst, outs=outs, ranks=ranks, config=cfg)
+    for seed in range(2):
+        x.copy_(torch.randn(rows, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, ref()) < 1e-2
+
+
 def sparse_tiny_llama(alpha):
     """A 2-layer Llama with every projection R-Sparse (alpha < 1) or TEAL at 50%, prompts dense, decode sparse."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -420,7 +549,7 @@ def test_compiled_decode_path_traces_the_kernel_whole():
     model, layers = sparse_tiny_llama(0.7)
     for layer in layers.values():
         layer.decode_layout(kernel=True, tune=True)  # each layer's tile chosen by timing, passed through the operator
-        assert [dict(block_k=k, block_n=n, num_warps=w) for k, n, w in [layer.tile]][0] in rs.tile_candidates()
+        assert rs.config_of(layer.tile) in rs.tile_candidates(layer.out_features)
     assert len(rs._TUNED) <= 10  # one tuning per shape and kept fraction, not per layer (14)
     prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     eager = greedy_generate(model, prompt, 4, compiled=False)
@@ -459,10 +588,45 @@ def test_teal_q_k_v_and_gate_up_fuse_into_one_launch_each():
     assert q.weight_t.data_ptr() == q.group.wt.data_ptr() and q.weight.data_ptr() == q.group.wt.data_ptr()
     assert torch.equal(greedy_generate(model, prompt, 3, compiled=False), unfused)
     assert torch.equal(greedy_generate(model, prompt, 3, compiled=True, backend="aot_eager"), unfused)
-    rmodel, _ = sparse_tiny_llama(0.7)
-    for layer in _.values():
+
+
+@torch.no_grad()
+def test_rsparse_q_k_v_and_gate_up_fuse_as_segments():
+    """R-Sparse's projections keep their own column-norm masks, thresholds and low-rank terms: fused, each group is
+    one call of the compacted kernels with one segment per projection (whose W^T, U and Vs become views of the
+    group's), and decoding gives the unfused path's tokens, eager and compiled, also after thresholds change."""
+    import llmx.kernels.rsparse_compact as rc
+    from llmx.sparse.evaluate import greedy_generate
+    from llmx.sparse.rsparse import fuse_shared_inputs
+
+    model, layers = sparse_tiny_llama(0.7)
+    for layer in layers.values():
         layer.decode_layout(kernel=True)
-    assert fuse_shared_inputs(rmodel) == 0
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert len({m.threshold for m in layers.values()}) > 4 and q.rank > 0  # masks and ranks differ by projection
+    x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    qkv = [layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv"]
+    expected = [m(x) for m in qkv]
+    prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    unfused = greedy_generate(model, prompt, 3, compiled=False)
+    assert fuse_shared_inputs(model, tune=True) == 4
+    assert q.group.tile is not None and rs.config_of(q.group.tile)["design"] == "compact"
+    assert q.u.data_ptr() == q.group.u.data_ptr() and q.svt.data_ptr() == q.group.vst.data_ptr()
+    calls = []
+    original = rc.rsparse_gemv_compact
+    rc.rsparse_gemv_compact = lambda *a, **k: calls.append(k["outs"]) or original(*a, **k)
+    try:
+        got = [m(x) for m in qkv]
+    finally:
+        rc.rsparse_gemv_compact = original
+    assert calls == [[64, 32, 32]]  # one call for q, k and v
+    for g, e in zip(got, expected):
+        assert rel_err(g, e) < 1e-5
+    assert torch.equal(greedy_generate(model, prompt, 3, compiled=False), unfused)
+    assert torch.equal(greedy_generate(model, prompt, 3, compiled=True, backend="aot_eager"), unfused)
+    for layer in qkv:  # sparsity matching scales thresholds after fusing: the group reads them at every call
+        layer.threshold *= 1.5
+    assert rel_err(q(x), rs.rsparse_reference(x, q.weight_t, q.scale, q.threshold, q.u, q.svt)) < 1e-5
 
 
 @torch.no_grad()

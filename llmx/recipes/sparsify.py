@@ -40,7 +40,8 @@ from llmx.models import load_pretrained
 from llmx.sparse import apply_plan, calibrate, layer_shapes, model_sparsity, remove_sparsity, uniform_plan
 from llmx.sparse.artifact import artifact_size_bytes, save_artifact
 from llmx.sparse.evaluate import decode_speed, match_sparsity, perplexity
-from llmx.sparse.rsparse import RSparseLinear, SVDCache, fuse_shared_inputs, svd_bytes, svd_max_rank
+from llmx.sparse.rsparse import (RSparseLinear, SVDCache, achieved_sparsity, fuse_shared_inputs, svd_bytes,
+                                 svd_max_rank)
 from llmx.utils import LlmxError, atomic_write_json, atomic_write_text, cache_dir, enum_value
 
 
@@ -284,18 +285,11 @@ def _rounded(values: List[float]) -> List[float]:
 
 def _achieved(layers: Dict[str, RSparseLinear], shapes) -> Dict[str, Any]:
     """Measured weight-read savings on the evaluation tokens, per projection type and model-level."""
-    total = saved = 0.0
     by_proj: Dict[str, List[float]] = {}
     for name, layer in layers.items():
-        got = layer.achieved()
-        if got is None:
-            continue
-        size = shapes[name][0] * shapes[name][1]
-        total += size
-        saved += got * size
-        by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(got)
-    all_size = sum(i * o for i, o in shapes.values())
-    return {"model": saved / all_size if all_size else 0.0,
+        if layer.achieved() is not None:
+            by_proj.setdefault(name.rsplit(".", 1)[-1], []).append(layer.achieved())
+    return {"model": achieved_sparsity(layers, shapes),
             "by_projection": {p: round(sum(v) / len(v), 4) for p, v in by_proj.items()}}
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmx.sparse.rsparse import RSparseLinear, sparse_tail
+from llmx.sparse.rsparse import RSparseLinear, achieved_sparsity, sparse_tail
 
 
 @torch.inference_mode()
@@ -113,8 +113,7 @@ def match_sparsity(model: nn.Module, layers: Mapping[str, RSparseLinear], window
     no loss is read, but the scored text should not set its own thresholds.
     Returns {"scale": c, "achieved": sparsity on windows, "steps": forward passes}."""
     base = {n: layer.threshold for n, layer in layers.items()}
-    sizes = {n: layer.in_features * layer.out_features for n, layer in layers.items()}
-    total = sum(i * o for i, o in shapes.values()) if shapes is not None else sum(sizes.values())
+    shapes = shapes if shapes is not None else {n: (m.in_features, m.out_features) for n, m in layers.items()}
     body = model.get_decoder() if hasattr(model, "get_decoder") else model  # the layers' inputs need no lm_head
     device = next(model.parameters()).device
     steps = 0
@@ -127,10 +126,10 @@ def match_sparsity(model: nn.Module, layers: Mapping[str, RSparseLinear], window
             layer.track, layer.seen_tokens, layer.active_channels = True, 0, 0.0
         for ids in windows:
             body(input_ids=ids.to(device))
-        saved = sum((layer.achieved() or 0.0) * sizes[n] for n, layer in layers.items())
+        achieved = achieved_sparsity(layers, shapes)
         for layer in layers.values():
             layer.track, layer.seen_tokens, layer.active_channels = False, 0, 0.0
-        return saved / total - target
+        return achieved - target
 
     # Bracket the root of gap in log2 c from c = 0 by doubling steps, then regula falsi (Illinois): a handful of
     # forward passes where bisection over [-8, 8] took about a dozen.

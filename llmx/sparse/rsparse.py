@@ -29,8 +29,9 @@ Choices (the paper or the reference is unclear, or we fix a bug; each is a confi
 Decoding (`decode_layout()`): W is stored transposed (W^T contiguous, "column-major W", paper Sec. 3.4), once -- the
 layer's W becomes a view of it -- so a decoded token reads only its active channels' rows. Calls of 1..16 rows (a
 decode step of batch 1..16) then run the fused Triton kernel (`llmx.kernels.rsparse_gemv`: mask, exact columns and
-low-rank term, no host sync, CUDA-graph capturable) on CUDA; on CPU a single row uses embedding_bag over the active
-rows, and the plain PyTorch math below is the kernel's oracle. Prompts (many tokens) multiply the masked input by W.
+low-rank term, no host sync, CUDA-graph capturable) on CUDA; `fuse_shared_inputs` then decodes q/k/v and gate/up as
+one call each (TEAL: one shared mask; R-Sparse: one segment per projection, each with its own mask and low-rank term).
+On CPU a single row uses embedding_bag over the active rows, and the plain PyTorch math below is the kernel's oracle. Prompts (many tokens) multiply the masked input by W.
 Both compare |x| * scale in fp32 (scale, the column norms, is kept in fp32), so the kernel and the PyTorch path
 choose the same channels in any compute dtype.
 """
@@ -95,6 +96,14 @@ def model_sparsity(shapes: Mapping[str, Tuple[int, int]], plan: Plan) -> float:
     (embeddings and lm_head excluded, as the paper counts)."""
     total = sum(i * o for i, o in shapes.values())
     return sum(plan[n][0] * i * o for n, (i, o) in shapes.items()) / total
+
+
+def achieved_sparsity(layers: Mapping[str, "RSparseLinear"], shapes: Mapping[str, Tuple[int, int]]) -> float:
+    """Model-level sparsity measured by tracking layers (`track`): each layer's achieved weight-read savings weighted
+    by its size, over every targeted layer of `shapes` (a layer kept dense, or that saw no token, saves nothing)."""
+    total = sum(i * o for i, o in shapes.values())
+    saved = sum((layer.achieved() or 0.0) * shapes[n][0] * shapes[n][1] for n, layer in layers.items())
+    return saved / total if total else 0.0
 
 
 def layer_shapes(model: nn.Module, targets: Sequence[str] = TARGETS) -> Dict[str, Tuple[int, int]]:
@@ -287,15 +296,18 @@ class RSparseLinear(nn.Module):
         return self
 
     def _tune(self) -> Optional[List[int]]:
-        from llmx.kernels.rsparse_gemv import tune_config
+        from llmx.kernels.rsparse_gemv import tile_of, tune_config
 
-        g = torch.Generator(device=self.weight.device).manual_seed(self.in_features)
-        x = torch.randn(1, self.in_features, generator=g, device=self.weight.device).to(self.weight.dtype)
-        mag = (x.float().abs() * (self.scale if self.weighted else 1.0)).reshape(-1).sort().values.cpu()
-        t = keep_threshold(mag, (1.0 - self.s) * self.alpha) if self.alpha > 0 else float("inf")
+        x = _tuning_input(self.in_features, self.weight)
         lr = (self.u, self.svt) if self.rank > 0 else (None, None)
-        best = tune_config(x, self.weight_t, self.scale if self.weighted else None, t, *lr)
-        return [best["block_k"], best["block_n"], best["num_warps"]]
+        return tile_of(tune_config(x, self.weight_t, self.scale if self.weighted else None, self.tuning_threshold(x),
+                                   *lr))
+
+    def tuning_threshold(self, x: torch.Tensor) -> float:
+        """The threshold that keeps this layer's planned fraction (1 - s) * alpha of the entries of x: tiles are timed
+        at the sparsity the layer will run at."""
+        mag = (x.float().abs() * (self.scale.float() if self.weighted else 1.0)).reshape(-1).sort().values.cpu()
+        return keep_threshold(mag, (1.0 - self.s) * self.alpha) if self.alpha > 0 else float("inf")
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         # fp32, as the kernel compares (scale is fp32, unless model.to(dtype) cast the buffer: then its values)
@@ -334,13 +346,12 @@ class RSparseLinear(nn.Module):
             self.seen_tokens += m.numel() // m.shape[-1]
             self.active_channels += float(m.sum())
         group = self.group
-        if group is not None:  # one call for the group, made by its first member; the others take their slice
-            lo, hi = self.group_slice
+        if group is not None and (self.group_lead or group.x is x):
+            # one call for the group, made by its first member; the others take their slice
             if self.group_lead:
-                group.x, group.y = x, rsparse_gemv_op(x, group.wt, None, self.threshold, None, None, None)
-                return group.y[..., lo:hi]
-            if group.x is x:
-                return group.y[..., lo:hi]
+                group.x, group.y = x, group(x)
+            y = group.y[..., self.group_slice[0]: self.group_slice[1]]
+            return y if self.bias is None else y + self.bias
         threshold = self.threshold if self.alpha > 0 else float("inf")  # alpha = 0: every channel low-rank
         lr = (self.u, self.svt) if self.rank > 0 else (None, None)
         tile = self.tile if x.numel() == x.shape[-1] else None  # tuned for one row; batches keep the heuristic
@@ -369,11 +380,12 @@ class RSparseLinear(nn.Module):
 def rsparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Tensor], threshold: float,
                     u: Optional[torch.Tensor], vs: Optional[torch.Tensor], tile: Optional[List[int]] = None) -> torch.Tensor:
     """The fused kernel as one PyTorch operator: torch.compile traces the layer through it without a graph break
-    (the kernel's launch logic stays in Python) and CUDA graphs capture it. tile: (block_k, block_n, num_warps)."""
+    (the kernel's launch logic stays in Python) and CUDA graphs capture it. tile: ``rsparse_gemv.tile_of``'s ints."""
     from llmx.kernels.rsparse_gemv import rsparse_gemv  # at call time: tests reload the kernel module
 
-    config = None if tile is None else dict(block_k=tile[0], block_n=tile[1], num_warps=tile[2])
-    return rsparse_gemv(x, wt, scale, threshold, u, vs, config=config)
+    from llmx.kernels.rsparse_gemv import config_of
+
+    return rsparse_gemv(x, wt, scale, threshold, u, vs, config=None if tile is None else config_of(tile))
 
 
 @rsparse_gemv_op.register_fake
@@ -381,41 +393,118 @@ def _(x, wt, scale, threshold, u, vs, tile=None):
     return x.new_empty((*x.shape[:-1], wt.shape[1]))
 
 
+@torch.library.custom_op("llmx::rsparse_gemv_segments", mutates_args=())
+def rsparse_segments_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Tensor], thresholds: List[float],
+                        u: Optional[torch.Tensor], vst: Optional[torch.Tensor], outs: List[int], ranks: List[int],
+                        tile: Optional[List[int]] = None) -> torch.Tensor:
+    """Projections that read one input, each with its own mask and low-rank term, in one call of the compacted
+    kernels (``llmx.kernels.rsparse_compact``), as one PyTorch operator."""
+    from llmx.kernels.rsparse_compact import rsparse_gemv_compact
+    from llmx.kernels.rsparse_gemv import config_of
+
+    return rsparse_gemv_compact(x, wt, scale, thresholds, u, vst, outs=outs, ranks=ranks,
+                                config=None if tile is None else config_of(tile))
+
+
+@rsparse_segments_op.register_fake
+def _(x, wt, scale, thresholds, u, vst, outs, ranks, tile=None):
+    return x.new_empty((*x.shape[:-1], wt.shape[1]))
+
+
+def _tuning_input(features: int, like: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator(device=like.device).manual_seed(features)
+    return torch.randn(1, features, generator=g, device=like.device).to(like.dtype)
+
+
 class SharedInputGroup:
-    """Projections that read one input with one mask (TEAL: alpha = 1, no low-rank term, equal thresholds) as one
-    kernel call over their concatenated W^T, which their own W^T are views of (W held once)."""
+    """Projections that read one input (q/k/v, gate/up) decoded by one kernel call over their concatenated W^T, which
+    their own W^T -- and low-rank factors -- become views of (held once). With one mask (TEAL: alpha = 1, no
+    low-rank term, equal thresholds) the call is rsparse_gemv's single launch, as TEAL's gpt-fast fusion; otherwise
+    each projection keeps its own column-norm mask, threshold and low-rank term as a segment of the compacted
+    kernels' two launches (R-Sparse's q/k/v and gate/up). Thresholds are read at every call (matching may scale
+    them)."""
 
     def __init__(self, members: Sequence[RSparseLinear]):
         self.members = list(members)
+        self.outs = [m.out_features for m in members]
+        self.ranks = [m.rank for m in members]
         self.wt = torch.cat([m.weight_t for m in members], dim=1)
-        lo = 0
+        # a TEAL member's plain |x| mask is a row of ones
+        self.scale = torch.stack([m.scale.float() if m.weighted else torch.ones_like(m.scale, dtype=torch.float32)
+                                  for m in members]) if any(m.weighted for m in members) else None
+        self.u = self.vst = None
+        if sum(self.ranks):
+            self.u = torch.cat([m.u.reshape(-1) for m in members if m.rank])
+            self.vst = torch.cat([m.svt.t() for m in members if m.rank], dim=1).contiguous()  # (in, sum r)
+        lo = u0 = r0 = 0
         for m in members:
             m.group_slice, m.group_lead = (lo, lo + m.out_features), m is members[0]
             m.weight_t = self.wt[:, lo: lo + m.out_features]
             m.weight = nn.Parameter(m.weight_t.t(), requires_grad=False)
+            if m.rank:
+                m.u = self.u[u0: u0 + m.out_features * m.rank].view(m.out_features, m.rank)
+                m.svt = self.vst[:, r0: r0 + m.rank].t()
+                u0, r0 = u0 + m.out_features * m.rank, r0 + m.rank
             m.group, lo = self, lo + m.out_features
+        self.tile: Optional[List[int]] = None  # tune(): the segmented call's tile for one row
         self.x: Optional[torch.Tensor] = None  # the input of the last call, and its outputs
         self.y: Optional[torch.Tensor] = None
+
+    def one_mask(self) -> bool:
+        return all(m.alpha == 1.0 and m.rank == 0 for m in self.members) and \
+            len({m.threshold for m in self.members}) == 1
+
+    def thresholds(self) -> List[float]:
+        return [m.threshold if m.alpha > 0 else float("inf") for m in self.members]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_mask():
+            return rsparse_gemv_op(x, self.wt, None, self.members[0].threshold, None, None, None)
+        tile = self.tile if x.numel() == x.shape[-1] else None
+        return rsparse_segments_op(x, self.wt, self.scale, self.thresholds(), self.u, self.vst, self.outs, self.ranks,
+                                   tile)
+
+    def tune(self) -> None:
+        """The segmented call's tile for one row, by timing (``rsparse_gemv.fastest``) at the members' planned
+        sparsities; groups of one shape and sparsity tune once."""
+        from llmx.kernels.rsparse_compact import compact_candidates, rsparse_gemv_compact
+        from llmx.kernels.rsparse_gemv import fastest, tile_of
+
+        if self.one_mask():
+            return
+        x = _tuning_input(self.wt.shape[0], self.wt)
+        ts = [m.tuning_threshold(x) for m in self.members]
+        key = ("segments", str(x.device), tuple(self.wt.shape), tuple(self.outs), tuple(self.ranks), self.wt.dtype,
+               tuple(round((1.0 - m.s) * m.alpha * 20) / 20 for m in self.members))
+        tol = 1e-5 if self.wt.dtype == torch.float32 else 1e-2
+        best = fastest(key, lambda cfg: rsparse_gemv_compact(x, self.wt, self.scale, ts, self.u, self.vst,
+                                                             outs=self.outs, ranks=self.ranks, config=cfg),
+                       compact_candidates(self.wt.shape[1]), tol)
+        self.tile = tile_of(best)
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def fuse_shared_inputs(model: nn.Module) -> int:
-    """TEAL's fusion (its gpt-fast path): in each block, the projections that read the same input (q/k/v, gate/up)
-    and have one mask -- the kernel path on, alpha = 1, no bias, equal thresholds (uniform TEAL: they share one
-    calibration sample) -- decode in one kernel launch instead of two or three. R-Sparse's per-projection
-    column-norm masks and low-rank terms do not fuse this way. Returns the number of groups formed."""
+def fuse_shared_inputs(model: nn.Module, tune: Optional[bool] = None) -> int:
+    """In each block, the projections that read the same input (q/k/v, gate/up), all on the kernel path with one
+    token mode, decode in one call (SharedInputGroup): TEAL's single-mask fusion (its gpt-fast path: one launch), or
+    R-Sparse's per-projection masks and low-rank terms as segments (two launches; segment boundaries must be
+    multiples of 16). With `tune` (default: on CUDA) each segmented group's tile is chosen by timing. Returns the
+    number of groups formed."""
     formed = 0
     for block in model.modules():
         for names in SHARED_INPUTS:
             members = [getattr(block, n, None) for n in names]
-            if not all(isinstance(m, RSparseLinear) and m.kernel and m.group is None and m.alpha == 1.0
-                       and m.bias is None for m in members):
+            if not all(isinstance(m, RSparseLinear) and m.kernel and m.group is None for m in members):
                 continue
-            if len({m.threshold for m in members}) == 1 and len({m.token_mode for m in members}) == 1:
-                SharedInputGroup(members)
-                formed += 1
+            if len({m.token_mode for m in members}) > 1 or len({m.weight_t.dtype for m in members}) > 1 \
+                    or any(m.out_features % 16 for m in members[:-1]):
+                continue
+            group = SharedInputGroup(members)
+            if members[0].weight.is_cuda if tune is None else tune:
+                group.tune()
+            formed += 1
     return formed
 
 
