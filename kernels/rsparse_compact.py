@@ -54,7 +54,8 @@ from .rsparse_gemv import _DTYPES, MAX_ROWS, _check_int32_offsets, _pow2, _thres
 __all__ = ["rsparse_gemv_compact", "rsparse_reference_compact", "compact_candidates", "MAX_SEGMENTS"]
 
 MAX_SEGMENTS = 3
-_COMPACT_KEYS = ("block_p", "block_k", "block_n", "split", "num_warps", "block_r", "dot")
+_COMPACT_KEYS = ("block_p", "block_k", "block_n", "split", "num_warps", "block_pl", "block_r", "block_re", "block_z",
+                 "dot")
 
 
 def _segments(wt, scale, thresholds, u, vst, outs, ranks):
@@ -107,25 +108,32 @@ if triton is not None:
         return tl.where(s == 0, a0, tl.where(s == 1, a1, a2))
 
     @triton.jit
-    def _compact_prep_kernel(
-        x_ptr, scale_ptr, vt_ptr, idx_ptr, xc_ptr, cnt_ptr, zp_ptr,
-        K, NP, RMAX, T0, T1, T2, R0, R1, R2,
-        stride_xb, stride_xk, stride_ss, stride_vk, stride_vr,
-        B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-        HAS_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
-    ):
-        """Kernel P: compacted active channels, their x*m, their count, and this block's share of z."""
-        pid_p = tl.program_id(0)
-        s = tl.program_id(1)
-        rows = tl.arange(0, BLOCK_B)
-        offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    def _masked_tile(x_ptr, scale_ptr, rows, offs, s, B, K, t, stride_xb, stride_xk, stride_ss,
+                     HAS_SCALE: tl.constexpr):
+        """x (BLOCK_B, len(offs)) in fp32 and which entries segment s keeps; rows >= B and channels >= K: 0, False."""
         ld = (rows[:, None] < B) & (offs[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xb + offs[None, :] * stride_xk, mask=ld, other=0.0).to(tl.float32)
         mag = tl.abs(x)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + s * stride_ss + offs, mask=offs < K, other=0.0)
             mag = mag * sc.to(tl.float32)[None, :]
-        keep = (mag > _seg_pick(s, T0, T1, T2)) & ld
+        return x, (mag > t) & ld
+
+    @triton.jit
+    def _compact_prep_kernel(
+        x_ptr, scale_ptr, vt_ptr, idx_ptr, xc_ptr, cnt_ptr, zp_ptr,
+        K, NP, RMAX, T0, T1, T2, R0, R1, R2,
+        stride_xb, stride_xk, stride_ss, stride_vk, stride_vr,
+        B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PL: tl.constexpr,
+        BLOCK_R: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
+    ):
+        """Kernel P: compacted active channels, their x*m, their count, and this block's share of z."""
+        pid_p = tl.program_id(0)
+        s = tl.program_id(1)
+        t = _seg_pick(s, T0, T1, T2)
+        rows = tl.arange(0, BLOCK_B)
+        offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        x, keep = _masked_tile(x_ptr, scale_ptr, rows, offs, s, B, K, t, stride_xb, stride_xk, stride_ss, HAS_SCALE)
         act = tl.max(keep.to(tl.int32), axis=0)  # union over the rows: which W^T rows kernel G loads
         pos = tl.cumsum(act, axis=0) - act  # exclusive prefix sum: the compacted slot of each active channel
         blk = s * NP + pid_p
@@ -134,18 +142,27 @@ if triton is not None:
                  mask=(rows[:, None] < B) & (act[None, :] > 0))
         tl.store(cnt_ptr + blk, tl.sum(act, axis=0))
         if HAS_LR:
+            # z share, BLOCK_PL channels x BLOCK_R ranks at a time: a whole (BLOCK_P, BLOCK_R) Vs tile spilled
+            # registers on sm_90 (ptxas: 255 registers and a 2.2 KB stack at 8 rows). x is re-read from cache.
             r_s = _seg_pick(s, R0, R1, R2)
             r_off = _seg_pick(s, 0, R0, R0 + R1)
-            xl = tl.where(keep, 0.0, x)
-            low = tl.max((xl != 0.0).to(tl.int32), axis=0) > 0  # Vs rows of channels every row keeps: never read
             for r0 in range(0, r_s, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < r_s
-                v = tl.load(vt_ptr + offs[:, None] * stride_vk + (r_off + offs_r)[None, :] * stride_vr,
-                            mask=low[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
-                for b in tl.static_range(B):
-                    zb = tl.sum(_row(xl, rows, b)[:, None] * v, axis=0)
-                    tl.store(zp_ptr + (blk * B + b) * RMAX + offs_r, zb, mask=r_ok)
+                z = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+                for c0 in range(0, BLOCK_P, BLOCK_PL):
+                    offs_c = pid_p * BLOCK_P + c0 + tl.arange(0, BLOCK_PL)
+                    xs, ks = _masked_tile(x_ptr, scale_ptr, rows, offs_c, s, B, K, t, stride_xb, stride_xk, stride_ss,
+                                          HAS_SCALE)
+                    xl = tl.where(ks, 0.0, xs)
+                    low = tl.max((xl != 0.0).to(tl.int32), axis=0) > 0  # rows of Vs no row leaves to it: not read
+                    v = tl.load(vt_ptr + offs_c[:, None] * stride_vk + (r_off + offs_r)[None, :] * stride_vr,
+                                mask=low[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_PL, BLOCK_R)
+                    for b in tl.static_range(B):
+                        zb = tl.sum(_row(xl, rows, b)[:, None] * v, axis=0)
+                        z += tl.where(rows[:, None] == b, zb[None, :], 0.0)
+                tl.store(zp_ptr + (blk * B + rows[:, None]) * RMAX + offs_r[None, :], z,
+                         mask=(rows[:, None] < B) & r_ok[None, :])
 
     @triton.jit
     def _compact_gemv_kernel(
@@ -153,7 +170,7 @@ if triton is not None:
         N, NP, RMAX, N1, N2, R0, R1, R2,
         stride_wk, stride_wn, stride_ob, stride_on,
         B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NP_POW2: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Z: tl.constexpr, SPLIT: tl.constexpr,
         HAS_LR: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """Kernel G: out[:, n_block] = sum over the active channels of x*m times their W^T rows (+ U_s z_s)."""
@@ -193,20 +210,24 @@ if triton is not None:
                             yb = tl.sum(_row(xt, rows, b)[:, None] * wf, axis=0)
                             acc += tl.where(rows[:, None] == b, yb[None, :], 0.0)
         if HAS_LR:
+            # U_s[n_block] @ z_s, BLOCK_R ranks at a time, the chunks spread over the splits; z_s summed from the
+            # channel blocks' shares BLOCK_Z blocks at a time (a whole (blocks, ranks) tile spilled on sm_90).
             r_s = _seg_pick(s, R0, R1, R2)
             seg_lo = _seg_pick(s, 0, N1, N2)
             u_base = _seg_pick(s, 0, N1 * R0, N1 * R0 + (N2 - N1) * R1)
-            blocks = s * NP + tl.arange(0, NP_POW2)
-            b_ok = tl.arange(0, NP_POW2) < NP
-            for r0 in range(sp * BLOCK_R, r_s, SPLIT * BLOCK_R):  # rank chunks spread over the splits
+            for r0 in range(sp * BLOCK_R, r_s, SPLIT * BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < r_s
                 uu = tl.load(u_ptr + u_base + (offs_n - seg_lo)[:, None] * r_s + offs_r[None, :],
                              mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_R)
                 for b in tl.static_range(B):
-                    zp = tl.load(zp_ptr + (blocks[:, None] * B + b) * RMAX + offs_r[None, :],
-                                 mask=b_ok[:, None] & r_ok[None, :], other=0.0)
-                    yb = tl.sum(uu * tl.sum(zp, axis=0)[None, :], axis=1)
+                    zb = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                    for p0 in range(0, NP, BLOCK_Z):
+                        blocks = p0 + tl.arange(0, BLOCK_Z)
+                        zp = tl.load(zp_ptr + ((s * NP + blocks[:, None]) * B + b) * RMAX + offs_r[None, :],
+                                     mask=(blocks[:, None] < NP) & r_ok[None, :], other=0.0)
+                        zb += tl.sum(zp, axis=0)
+                    yb = tl.sum(uu * zb[None, :], axis=1)
                     acc += tl.where(rows[:, None] == b, yb[None, :], 0.0)
         o_ok = (rows[:, None] < B) & n_ok[None, :]
         out_ptrs = out_ptr + rows[:, None] * stride_ob + offs_n[None, :] * stride_on
@@ -228,11 +249,12 @@ def _default_config(n: int, rows: int, same_16bit: bool) -> dict:
     """Untuned starting point: 256-channel blocks, 64 active rows a step, 64 outputs a program, and enough splits
     for about two programs per SM of an H100 (132 SMs)."""
     if _INTERPRET:  # small tiles: test shapes of a few dozen channels cross every block edge
-        return dict(block_p=16, block_k=8, block_n=16, split=2, num_warps=1, block_r=8, dot=False)
+        return dict(block_p=16, block_k=8, block_n=16, split=2, num_warps=1, block_pl=8, block_r=8, block_re=4,
+                    block_z=2, dot=False)
     blocks = triton.cdiv(n, 64)
     split = max(1, min(8, _pow2(max(1, 264 // blocks)) // 2 if blocks < 264 else 1))
-    return dict(block_p=256, block_k=64, block_n=64, split=split, num_warps=4, block_r=32,
-                dot=rows >= 4 and same_16bit)
+    return dict(block_p=256, block_k=64, block_n=64, split=split, num_warps=4, block_pl=64, block_r=32, block_re=16,
+                block_z=16, dot=rows >= 4 and same_16bit)
 
 
 def compact_candidates(n: int) -> list:
@@ -271,7 +293,8 @@ def rsparse_gemv_compact(x, wt, scale, thresholds, u=None, vst=None, *, outs=Non
                          config: dict | None = None):
     """The segmented layer (module doc) with the compacted kernels: x (..., in) of 1..16 rows, wt = W^T (in, N).
     Returns (..., N) in x's dtype, or writes ``out``. ``config`` overrides the tiles (block_p, block_k, block_n,
-    split, num_warps, block_r, dot). Graph-capturable: no host syncs, fixed launches."""
+    split, num_warps; kernel P's low-rank tile block_pl x block_r; kernel G's block_re ranks and block_z channel
+    blocks at a time; dot). Graph-capturable: no host syncs, fixed launches."""
     k, n = wt.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., in={k}), got {tuple(x.shape)}")
@@ -290,7 +313,8 @@ def rsparse_gemv_compact(x, wt, scale, thresholds, u=None, vst=None, *, outs=Non
     if unknown:
         raise ValueError(f"unknown compact config keys {sorted(unknown)}; valid: {list(_COMPACT_KEYS)}")
     cfg.update({key: v for key, v in (config or {}).items() if key != "design"})
-    if any(cfg[key] < 1 or cfg[key] & (cfg[key] - 1) for key in ("block_p", "block_k", "block_n", "block_r")) \
+    if any(cfg[key] < 1 or cfg[key] & (cfg[key] - 1) for key in ("block_p", "block_k", "block_n", "block_pl", "block_r",
+                                                               "block_re", "block_z")) \
             or cfg["split"] < 1 or cfg["block_n"] < 16:
         raise ValueError(f"block sizes must be powers of two (block_n >= 16) and split >= 1; got {cfg}")
     bounds = [sum(outs[: i + 1]) for i in range(len(outs) - 1)]
@@ -324,15 +348,15 @@ def rsparse_gemv_compact(x, wt, scale, thresholds, u=None, vst=None, *, outs=Non
             x2, seg_scale, vt, ws["idx"], ws["xc"], ws["cnt"], ws["zp"],
             k, np_, max(rmax, 1), *t3, *r3,
             x2.stride(0), x2.stride(1), stride_ss, vt.stride(0), vt.stride(1),
-            B=rows, BLOCK_B=block_b, BLOCK_P=cfg["block_p"], BLOCK_R=cfg["block_r"],
-            HAS_SCALE=scale is not None, HAS_LR=rmax > 0, num_warps=cfg["num_warps"],
+            B=rows, BLOCK_B=block_b, BLOCK_P=cfg["block_p"], BLOCK_PL=min(cfg["block_p"], cfg["block_pl"]),
+            BLOCK_R=cfg["block_r"], HAS_SCALE=scale is not None, HAS_LR=rmax > 0, num_warps=cfg["num_warps"],
         )
         _compact_gemv_kernel[(triton.cdiv(n, block_n), split)](
             wt, u_flat, ws["idx"], ws["xc"], ws["cnt"], ws["zp"], y, ws["acc"], ws["tk"],
             n, np_, max(rmax, 1), n1, n2, *r3,
             wt.stride(0), wt.stride(1), y.stride(0), y.stride(1),
             B=rows, BLOCK_B=block_b, BLOCK_P=cfg["block_p"], BLOCK_K=max(cfg["block_k"], 16 if use_dot else 1),
-            BLOCK_N=block_n, BLOCK_R=cfg["block_r"], NP_POW2=_pow2(np_), SPLIT=split, HAS_LR=rmax > 0,
+            BLOCK_N=block_n, BLOCK_R=cfg["block_re"], BLOCK_Z=cfg["block_z"], SPLIT=split, HAS_LR=rmax > 0,
             USE_DOT=use_dot, DOT_F32=_INTERPRET or x.dtype != wt.dtype or wt.dtype == torch.float32,
             INTERPRET=_INTERPRET, num_warps=cfg["num_warps"],
         )

@@ -606,7 +606,7 @@ def config_of(tile) -> dict:
 
 def tile_candidates(n: int | None = None) -> list:
     """Tiles tried by ``tune_config``. Split design: BLOCK_K 64-256 x BLOCK_N 32-512 (TEAL's range of BLOCK_N), at
-    most 32K weights a program, with 4 or 8 warps for the larger ones; with ``n`` (outputs) also the compacted
+    most 32K weights a program, with 4 or 8 warps for the larger ones (none that spills registers on sm_90); with ``n`` (outputs) also the compacted
     design's (``rsparse_compact.compact_candidates``). The interpreter gets a few small tiles (a test of the
     mechanism, not of speed)."""
     from .rsparse_compact import compact_candidates
@@ -619,9 +619,12 @@ def tile_candidates(n: int | None = None) -> list:
     out = []
     for bk in (64, 128, 256):
         for bn in (32, 64, 128, 256, 512):
-            if bk * bn <= 32768:
-                out += [dict(design="split", block_k=bk, block_n=bn, num_warps=w)
-                        for w in ((4, 8) if bk * bn >= 16384 else (4,))]
+            # ptxas for sm_90 (scripts/kernel_resources.py): 32K-weight tiles spill to the stack at 4 warps, and
+            # 128 x 256 at 8 warps too; 16K tiles fit in registers either way.
+            if bk * bn > 32768 or (bk, bn) == (128, 256):
+                continue
+            warps = (8,) if bk * bn == 32768 else (4, 8) if bk * bn == 16384 else (4,)
+            out += [dict(design="split", block_k=bk, block_n=bn, num_warps=w) for w in warps]
     return out + extra
 
 
