@@ -5,9 +5,10 @@ stack (spills) and shared memory, as ptxas assigns them.
 
 What it checks that the interpreter cannot: that every kernel configuration the tuner may pick (both designs:
 ``rsparse_gemv``'s split-K grid and ``rsparse_compact``'s compacted loop; TEAL and R-Sparse; 1 and 8 rows) compiles
-through Triton's real pipeline to a cubin for the target (sm_90: H100/H200), and how many registers it takes --
-a kernel that spills to the stack pays local-memory traffic on every call, and registers bound the programs an SM
-holds. Needs Triton with its bundled ptxas and cuobjdump; no GPU and no CUDA driver. ``--quick``: the heuristic
+through Triton's real pipeline to a cubin for the target (sm_90: H100/H200), how many registers it takes -- a
+kernel that spills to the stack pays local-memory traffic on every call, and registers bound the programs an SM
+holds -- and how its global loads are vectorised (PTX ld.global instructions by width: the weight rows should stream
+as 16-byte v4 loads). Needs Triton with its bundled ptxas and cuobjdump; no GPU and no CUDA driver. ``--quick``: the heuristic
 configurations only (the test suite's check). Exit status 1 if any configuration fails to compile or uses more than
 ``--max-stack`` bytes of stack.
 
@@ -43,20 +44,27 @@ POINTERS = {"x": "bf16", "scale": "fp32", "wt": "bf16", "u": "bf16", "vs": "bf16
             "tk": "i32"}
 FLOATS = {"threshold", "T0", "T1", "T2"}
 UNIT_STRIDES = {"stride_xk", "stride_wn", "stride_on", "stride_ur", "stride_vr"}
+# multiples of 16 at the Llama shapes (4096, 14336 channels; ranks rounded to 16 as rsparse_allocation(rank_multiple=16)
+# does; fused outputs 6144, 28672; NP = 4096 / 256 channel blocks)
+ALIGNED = {"K", "N", "R", "R0", "R1", "R2", "RMAX", "NP", "stride_xb", "stride_wk", "stride_un", "stride_ob", "stride_vk",
+           "stride_ss", "N1", "N2"}
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
     """Registers, stack and shared bytes of ``fn`` compiled for sm_<arch> with these constexprs."""
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs or name in UNIT_STRIDES:
             sig[name] = "constexpr"
             consts[(i,)] = constexprs.get(name, 1)
-        elif name.endswith("_ptr"):
+            continue
+        if name.endswith("_ptr"):
             sig[name] = "*" + POINTERS[name[: -len("_ptr")]]
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+        if name.endswith("_ptr") or name in ALIGNED:
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what Triton's launcher infers for these at the 8B shapes
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
@@ -68,7 +76,12 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if not m:
         raise RuntimeError(f"no resource line in cuobjdump's output: {usage[-300:]}")
-    return dict(regs=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]))
+    # global loads by width in the PTX: 16-byte vectors stream the weights; 2-byte scalars would not
+    ops = [line.split()[1 if line.lstrip().startswith("@") else 0] for line in kernel.asm["ptx"].splitlines()
+           if "ld.global" in line]
+    loads = {"v4": sum(".v4." in op for op in ops), "v2": sum(".v2." in op for op in ops)}
+    loads["scalar"] = len(ops) - loads["v4"] - loads["v2"]
+    return dict(regs=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]), loads=loads)
 
 
 def split_jobs(quick: bool):
@@ -124,15 +137,16 @@ def main() -> int:
     rc = importlib.import_module(rs.__name__.rsplit(".", 1)[0] + ".rsparse_compact")
     rows, failed, t0 = [], 0, time.perf_counter()
     print(f"{'design':>8} {'kernel':>6} {'rows':>4} {'low-rank':>8} {'config':>26} | {'regs':>4} {'stack':>5} "
-          f"{'shared':>6}")
+          f"{'shared':>6} | global loads v4/v2/scalar")
     for (design, kernel, b, lr, label), fn, constexprs, warps in [*split_jobs(args.quick),
                                                                  *compact_jobs(rc, args.quick)]:
         row = dict(design=design, kernel=kernel, rows=b, low_rank=lr, config=label, num_warps=warps)
         try:
             row.update(compile_kernel(fn, constexprs, warps, args.arch))
             bad = row["stack"] > args.max_stack or row["local"] > 0
+            ld = row["loads"]
             print(f"{design:>8} {kernel:>6} {b:>4} {str(lr):>8} {label:>26} | {row['regs']:>4} {row['stack']:>5} "
-                  f"{row['shared']:>6}" + ("  <- spills" if bad else ""))
+                  f"{row['shared']:>6} | {ld['v4']}/{ld['v2']}/{ld['scalar']}" + ("  <- spills" if bad else ""))
         except Exception as e:  # noqa: BLE001 -- report every configuration, then fail
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             bad = True
