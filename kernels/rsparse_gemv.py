@@ -606,9 +606,9 @@ def config_of(tile) -> dict:
 
 def tile_candidates(n: int | None = None) -> list:
     """Tiles tried by ``tune_config``. Split design: BLOCK_K 64-256 x BLOCK_N 32-512 (TEAL's range of BLOCK_N), at
-    most 32K weights a program, with 4 or 8 warps for the larger ones (none that spills registers on sm_90); with ``n`` (outputs) also the compacted
-    design's (``rsparse_compact.compact_candidates``). The interpreter gets a few small tiles (a test of the
-    mechanism, not of speed)."""
+    most 32K weights a program, with 4 or 8 warps for the larger ones (none that spills registers on sm_90); with
+    ``n`` (outputs) also the compacted design's (``rsparse_compact.compact_candidates``). The interpreter gets a few
+    small tiles (a test of the mechanism, not of speed)."""
     from .rsparse_compact import compact_candidates
 
     extra = compact_candidates(n) if n is not None else []

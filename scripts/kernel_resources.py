@@ -1,19 +1,19 @@
-"""Compile the R-Sparse decode kernels for an NVIDIA GPU without one, and report each configuration's registers,
-stack (spills) and shared memory, as ptxas assigns them.
+"""Compile the R-Sparse decode kernels for an NVIDIA GPU without one, and report each configuration's registers, stack
+(spills) and shared memory, as ptxas assigns them.
 
     python scripts/kernel_resources.py [--arch 90] [--quick] [--out outputs/bench] [--max-stack 64]
 
 What it checks that the interpreter cannot: that every kernel configuration the tuner may pick (both designs:
 ``rsparse_gemv``'s split-K grid and ``rsparse_compact``'s compacted loop; TEAL and R-Sparse; 1 and 8 rows) compiles
-through Triton's real pipeline to a cubin for the target (sm_90: H100/H200), how many registers it takes -- a
-kernel that spills to the stack pays local-memory traffic on every call, and registers bound the programs an SM
-holds -- and how its global loads are vectorised (PTX ld.global instructions by width: the weight rows should stream
-as 16-byte v4 loads). Needs Triton with its bundled ptxas and cuobjdump; no GPU and no CUDA driver. ``--quick``: the heuristic
-configurations only (the test suite's check). Exit status 1 if any configuration fails to compile or uses more than
-``--max-stack`` bytes of stack.
+through Triton's real pipeline to a cubin for the target (sm_90: H100/H200), how many registers it takes -- a kernel
+that spills to the stack pays local-memory traffic on every call, and registers bound the programs an SM holds --
+and how its global loads are vectorised (PTX ld.global instructions by width: the weight rows should stream as
+16-byte v4 loads). Needs Triton with its bundled ptxas and cuobjdump; no GPU and no CUDA driver. ``--quick``: the
+heuristic configurations only (the test suite's check). Exit status 1 if any configuration fails to compile or uses
+more than ``--max-stack`` bytes of stack.
 
-Argument types are those of the product path: bf16 x, W^T, U, Vs and output; fp32 scale and scratch; unit
-strides (channel / output / rank) specialised to 1, as Triton specialises them at launch.
+Argument types are those of the product path: bf16 x, W^T, U, Vs and output; fp32 scale and scratch; unit strides
+(channel / output / rank) specialised to 1, as Triton specialises them at launch.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ FLOATS = {"threshold", "T0", "T1", "T2"}
 UNIT_STRIDES = {"stride_xk", "stride_wn", "stride_on", "stride_ur", "stride_vr"}
 # multiples of 16 at the Llama shapes (4096, 14336 channels; ranks rounded to 16 as rsparse_allocation(rank_multiple=16)
 # does; fused outputs 6144, 28672; NP = 4096 / 256 channel blocks)
-ALIGNED = {"K", "N", "R", "R0", "R1", "R2", "RMAX", "NP", "stride_xb", "stride_wk", "stride_un", "stride_ob", "stride_vk",
-           "stride_ss", "N1", "N2"}
+ALIGNED = {"K", "N", "R", "R0", "R1", "R2", "RMAX", "NP", "N1", "N2",
+           "stride_xb", "stride_wk", "stride_un", "stride_ob", "stride_vk", "stride_ss"}
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
