@@ -551,6 +551,9 @@ def test_sparse_layers_decode_through_the_fused_kernel(alpha):
         layer.decode_layout(kernel=True)
         assert layer.kernel and rel_err(layer(x), expected) < 1e-5, name
         assert rel_err(layer(x[:1]), expected[:1]) < 1e-5, name
+        layer.tile = rs.tile_of(dict(design="compact", block_p=16, block_k=8, block_n=16, split=2, num_warps=1))
+        assert rel_err(layer(x[:1]), expected[:1]) < 1e-5, name  # a tuned tile of the compacted design
+        layer.tile = None
         layer.track = True
         layer(x)
         assert layer.seen_tokens == 3 and layer.active_channels > 0  # counted on the kernel path too
