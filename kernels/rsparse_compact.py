@@ -11,17 +11,18 @@ loads its whole W^T tile with the inactive rows masked: the inactive rows cost n
 still runs, so its time follows the active bytes only where load latency, not the per-program cost, dominates
 (the issue's review: 50% -> 70% sparsity cut bytes by 40% and time by 7-11% on an H100). Here:
 
-Kernel P (prepare), grid (in / BLOCK_P, segments): per channel block and segment, computes the mask once (fp32
-compare, per row; the union over the rows decides which W^T rows are loaded), writes the block's active channel
-indices compacted (an exclusive prefix sum of the mask: deterministic order, no atomics) with their masked inputs
-x*m, and the block's count; and, where the segment has a low-rank term, the block's share of z_s = Vs_s (x * (1 -
-m_s)) (reading Vs only for channels some row leaves to it), stored per block -- no atomics, nothing to re-zero.
+Kernel P (prepare), grid (in / BLOCK_P, segments, rank chunks): per channel block and segment, computes the mask
+(fp32 compare, per row; the union over the rows decides which W^T rows are loaded), writes the block's active
+channel indices compacted (an exclusive prefix sum of the mask: deterministic order, no atomics) with their masked
+inputs x*m, and the block's count; and, where the segment has a low-rank term, one rank chunk of the block's share of
+z_s = Vs_s (x * (1 - m_s)) per program (reading Vs only for channels some row leaves to it), stored per block -- no
+atomics, nothing to re-zero.
 
 Kernel G (GEMV), grid (out / BLOCK_N, SPLIT): each program owns an output block of one segment and a 1/SPLIT share
-of the channel blocks; it loops over their compacted active channels BLOCK_K at a time (a K loop over active rows
-only, so the work per program, and the number of load instructions, follow the active count), gathering those W^T
-rows (contiguous runs of BLOCK_N outputs each). The programs of the first splits add U_s[n_block] @ z_s, summing
-the per-block z shares. SPLIT = 1: each program writes its outputs in the output dtype directly -- no atomics, no
+of the channel blocks (default: one block each, as many programs as the split design's grid); it loops over their
+compacted active channels BLOCK_K at a time (a loop over active rows only, so the work per program, and the number
+of load instructions, follow the active count), gathering those W^T rows (contiguous runs of BLOCK_N outputs each).
+The programs of the first splits add U_s[n_block] @ z_s, one rank chunk each, summing the per-block z shares. SPLIT = 1: each program writes its outputs in the output dtype directly -- no atomics, no
 workspace, no ticket. SPLIT > 1: fp32 atomics into a self-zeroing workspace and a per-output-block ticket whose
 last holder casts and re-zeroes (``rsparse_gemv``'s mechanism; only SPLIT tickets per output block).
 
@@ -127,28 +128,32 @@ if triton is not None:
         B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PL: tl.constexpr,
         BLOCK_R: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
     ):
-        """Kernel P: compacted active channels, their x*m, their count, and this block's share of z."""
+        """Kernel P, program (channel block, segment, rank chunk): the first rank chunk's program writes the block's
+        compacted active channels, their x*m and their count; every program its rank chunk of the block's z share."""
         pid_p = tl.program_id(0)
         s = tl.program_id(1)
+        pid_r = tl.program_id(2)
         t = _seg_pick(s, T0, T1, T2)
         rows = tl.arange(0, BLOCK_B)
-        offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        x, keep = _masked_tile(x_ptr, scale_ptr, rows, offs, s, B, K, t, stride_xb, stride_xk, stride_ss, HAS_SCALE)
-        act = tl.max(keep.to(tl.int32), axis=0)  # union over the rows: which W^T rows kernel G loads
-        pos = tl.cumsum(act, axis=0) - act  # exclusive prefix sum: the compacted slot of each active channel
         blk = s * NP + pid_p
-        tl.store(idx_ptr + blk * BLOCK_P + pos, offs, mask=act > 0)
-        tl.store(xc_ptr + (blk * BLOCK_B + rows[:, None]) * BLOCK_P + pos[None, :], tl.where(keep, x, 0.0),
-                 mask=(rows[:, None] < B) & (act[None, :] > 0))
-        tl.store(cnt_ptr + blk, tl.sum(act, axis=0))
+        if pid_r == 0:
+            offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+            x, keep = _masked_tile(x_ptr, scale_ptr, rows, offs, s, B, K, t, stride_xb, stride_xk, stride_ss,
+                                   HAS_SCALE)
+            act = tl.max(keep.to(tl.int32), axis=0)  # union over the rows: which W^T rows kernel G loads
+            pos = tl.cumsum(act, axis=0) - act  # exclusive prefix sum: the compacted slot of each active channel
+            tl.store(idx_ptr + blk * BLOCK_P + pos, offs, mask=act > 0)
+            tl.store(xc_ptr + (blk * BLOCK_B + rows[:, None]) * BLOCK_P + pos[None, :], tl.where(keep, x, 0.0),
+                     mask=(rows[:, None] < B) & (act[None, :] > 0))
+            tl.store(cnt_ptr + blk, tl.sum(act, axis=0))
         if HAS_LR:
-            # z share, BLOCK_PL channels x BLOCK_R ranks at a time: a whole (BLOCK_P, BLOCK_R) Vs tile spilled
-            # registers on sm_90 (ptxas: 255 registers and a 2.2 KB stack at 8 rows). x is re-read from cache.
+            # One rank chunk per program (a grid axis, not a loop: the Vs loads of all chunks are in flight at
+            # once), BLOCK_PL channels at a time (a larger (channels, ranks) tile spilled registers on sm_90).
             r_s = _seg_pick(s, R0, R1, R2)
-            r_off = _seg_pick(s, 0, R0, R0 + R1)
-            for r0 in range(0, r_s, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_ok = offs_r < r_s
+            offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < r_s
+            if pid_r * BLOCK_R < r_s:
+                r_off = _seg_pick(s, 0, R0, R0 + R1)
                 z = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
                 for c0 in range(0, BLOCK_P, BLOCK_PL):
                     offs_c = pid_p * BLOCK_P + c0 + tl.arange(0, BLOCK_PL)
@@ -246,24 +251,24 @@ if triton is not None:
 
 
 def _default_config(n: int, rows: int, same_16bit: bool) -> dict:
-    """Untuned starting point: 256-channel blocks, 64 active rows a step, 64 outputs a program, and enough splits
-    for about two programs per SM of an H100 (132 SMs)."""
+    """Untuned starting point (``split`` is clipped to the number of channel blocks)."""
     if _INTERPRET:  # small tiles: test shapes of a few dozen channels cross every block edge
         return dict(block_p=16, block_k=8, block_n=16, split=2, num_warps=1, block_pl=8, block_r=8, block_re=4,
                     block_z=2, dot=False)
-    blocks = triton.cdiv(n, 64)
-    split = max(1, min(8, _pow2(max(1, 264 // blocks)) // 2 if blocks < 264 else 1))
-    return dict(block_p=256, block_k=64, block_n=64, split=split, num_warps=4, block_pl=64, block_r=32, block_re=16,
-                block_z=16, dot=rows >= 4 and same_16bit)
+    # One 128-channel block per program (split = blocks), 64 of its active rows a step: as many programs as the
+    # split design's grid, each streaming only active rows.
+    return dict(block_p=128, block_k=64, block_n=64, split=1 << 20, num_warps=4, block_pl=128, block_r=16,
+                block_re=16, block_z=64, dot=rows >= 4 and same_16bit)
 
 
 def compact_candidates(n: int) -> list:
-    """Tiles ``tune_config`` tries for this design: BLOCK_N 32-128 x 32 or 64 active rows a step x 1, 2 or 4 splits
-    (at most 1024 programs): 18 or fewer, so that tuning a layer stays within seconds."""
+    """Tiles ``tune_config`` tries for this design: 128-channel blocks; BLOCK_N 32-128 x 32-128 active rows a step
+    (at most 8K weights) x 4, 16 or all channel blocks' splits (all: one block per program, the split design's
+    parallelism; 4: a loop over many blocks per program, fewer atomics): 24 tiles, so tuning stays within seconds."""
     if _INTERPRET:
         return [dict(design="compact", block_p=16, block_k=8, block_n=16, split=sp, num_warps=1) for sp in (1, 3)]
-    return [dict(design="compact", block_p=256, block_k=bk, block_n=bn, split=sp, num_warps=4 if bk * bn <= 4096 else 8)
-            for bn in (32, 64, 128) for bk in (32, 64) for sp in (1, 2, 4) if triton.cdiv(n, bn) * sp <= 1024]
+    return [dict(design="compact", block_p=128, block_k=bk, block_n=bn, split=sp, num_warps=4)
+            for bn in (32, 64, 128) for bk in (32, 64, 128) for sp in (4, 16, 1 << 20) if bk * bn <= 8192]
 
 
 _WORKSPACES: dict = {}
@@ -344,7 +349,7 @@ def rsparse_gemv_compact(x, wt, scale, thresholds, u=None, vst=None, *, outs=Non
     x2 = x.reshape(rows, k)
     guard = torch.cuda.device(wt.device) if wt.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _compact_prep_kernel[(np_, len(outs))](
+        _compact_prep_kernel[(np_, len(outs), triton.cdiv(rmax, cfg["block_r"]) if rmax else 1)](
             x2, seg_scale, vt, ws["idx"], ws["xc"], ws["cnt"], ws["zp"],
             k, np_, max(rmax, 1), *t3, *r3,
             x2.stride(0), x2.stride(1), stride_ss, vt.stride(0), vt.stride(1),

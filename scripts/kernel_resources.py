@@ -106,7 +106,7 @@ def split_jobs(quick: bool):
 
 
 def compact_jobs(rc, quick: bool):
-    """rsparse_compact: kernel P per row count, kernel G per tile (n = 4096 outputs for the candidate list)."""
+    """rsparse_compact: kernel P per row count, kernel G per tile (in = out = 4096 for the candidate list)."""
     base = rc._default_config(4096, 1, True)
     tiles = [base] if quick else [{**base, **c} for c in rc.compact_candidates(4096)]
     for lr in (False, True):
@@ -116,9 +116,10 @@ def compact_jobs(rc, quick: bool):
                                               BLOCK_PL=base["block_pl"], BLOCK_R=base["block_r"], HAS_SCALE=True,
                                               HAS_LR=lr), base["num_warps"]
         for t in tiles:
+            split = min(t["split"], triton.cdiv(4096, t["block_p"]))  # as rsparse_gemv_compact clips it
             common = dict(BLOCK_P=t["block_p"], BLOCK_K=t["block_k"], BLOCK_N=t["block_n"], BLOCK_R=base["block_re"],
-                          BLOCK_Z=base["block_z"], SPLIT=t["split"], HAS_LR=lr, DOT_F32=False, INTERPRET=False)
-            label = f"{t['block_k']}x{t['block_n']} split {t['split']} w{t['num_warps']}"
+                          BLOCK_Z=base["block_z"], SPLIT=split, HAS_LR=lr, DOT_F32=False, INTERPRET=False)
+            label = f"{t['block_k']}x{t['block_n']} split {split} w{t['num_warps']}"
             yield ("compact", "G", 1, lr, label), rc._compact_gemv_kernel, dict(B=1, BLOCK_B=1, USE_DOT=False,
                                                                                **common), t["num_warps"]
         yield ("compact", "G", 8, lr, "64x64 split 4 w4 dot"), rc._compact_gemv_kernel, \
