@@ -30,7 +30,7 @@ def load(run: Path) -> dict:
         label += f" (alpha {sp['alpha']:g})"
     if sp["allocation"] == "search":
         seeded = " from greedy" if sp["search"].get("init_greedy") else ""
-        label += f" ({sp['search'].get('mode', 's_alpha')}{seeded})"
+        label += f" ({sp['search'].get('mode', 's_alpha')}{seeded}, seed {sp['search'].get('seed', 0)})"
     return {"run": str(run), "model": cfg["model"]["name"], "label": label, "method": sp["method"],
             "matched": bool(sp.get("match_sparsity")), "token_mode": sp["token_mode"], "rows": rows}
 
@@ -90,7 +90,35 @@ def model_table(runs: list) -> tuple:
             d = f"ΔNLL {e['dnll']:+.4f} ± {e['dnll_se']:.4f}" if "dnll" in e else "no per-window NLLs"
             out.append(f"- {e['level']:.0%}, {e['what']}: {e['rsparse']} vs {e['teal']}: ppl ratio "
                        f"{e['ppl_ratio']:.3f}, {d} (achieved {e['achieved'][0]:.3f} vs {e['achieved'][1]:.3f})")
+    seeds = over_seeds(summary)
+    if seeds:
+        out += ["", "Searches over several seeds (the search's own randomness; every seed reported): mean over seeds "
+                "± standard error across seeds.", ""]
+        for e in seeds:
+            out.append(f"- {e['level']:.0%}, {e['search']} vs {e['teal']}, {e['n']} seeds: ΔNLL {e['dnll']:+.4f} ± "
+                       f"{e['dnll_se']:.4f} (per seed {', '.join(f'{d:+.4f}' for d in e['per_seed'])}); ppl ratio "
+                       f"{e['ppl_ratio']:.3f} ± {e['ppl_ratio_se']:.3f}")
+        summary = summary + seeds
     return "\n".join(out), summary
+
+
+def over_seeds(summary: list) -> list:
+    """The pairs of searched runs that differ only in their seed, pooled: mean and standard error across seeds."""
+    groups: dict = {}
+    for e in summary:
+        if "seed " in e["rsparse"] and "dnll" in e:
+            groups.setdefault((e["level"], e["rsparse"].rsplit(", seed", 1)[0] + ")", e["teal"]), []).append(e)
+    out = []
+    for (level, search, teal), es in groups.items():
+        if len(es) < 2:
+            continue
+        d = [e["dnll"] for e in es]
+        r = [e["ppl_ratio"] for e in es]
+        se = lambda v: statistics.stdev(v) / math.sqrt(len(v))  # noqa: E731
+        out.append({"level": level, "search": search, "teal": teal, "n": len(es), "per_seed": d,
+                    "dnll": statistics.mean(d), "dnll_se": se(d), "ppl_ratio": statistics.mean(r),
+                    "ppl_ratio_se": se(r), "what": "over seeds"})
+    return out
 
 
 def main() -> int:

@@ -421,12 +421,13 @@ def test_rsparse_table_pairs_runs_by_allocation(tmp_path):
 
     import yaml
 
-    def run(name, method, allocation, nll, model="m1"):
+    def run(name, method, allocation, nll, model="m1", seed=0):
         d = tmp_path / name
         d.mkdir()
         cfg = {"model": {"name": model}, "sparsify": {"method": method, "allocation": allocation, "alpha": 0.95,
                                                        "match_sparsity": True, "token_mode": "all",
-                                                       "search": {"init_greedy": True, "mode": "s_alpha"}}}
+                                                       "search": {"init_greedy": True, "mode": "s_alpha",
+                                                                  "seed": seed}}}
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         dense = {"method": "dense", "level": 0.0, "ppl": 10.0, "ppl_se": 0.5, "tokens_scored": 99,
                  "nll_rows": [2.3, 2.3, 2.3]}
@@ -444,3 +445,12 @@ def test_rsparse_table_pairs_runs_by_allocation(tmp_path):
     (pair,) = json.loads((tmp_path / "t.json").read_text())["m1"]
     assert pair["rsparse"].startswith("rsparse greedy") and pair["teal"] == "teal greedy"
     assert pair["dnll"] == pytest.approx(0.1) and pair["dnll_se"] == pytest.approx(0.1 / math.sqrt(3))
+    # two seeds of one search: a row and a pair each, then pooled across the seeds
+    dirs += [run("s0", "rsparse", "search", [2.3, 2.5, 2.6], seed=0), run("s1", "rsparse", "search", [2.5, 2.5, 2.5],
+                                                                            seed=1)]
+    out = subprocess.run([sys.executable, str(script), *map(str, dirs), "--json", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| rsparse search (s_alpha from greedy, seed 1) |" in out and "2 seeds" in out
+    pooled = [e for e in json.loads((tmp_path / "t.json").read_text())["m1"] if e["what"] == "over seeds"]
+    assert len(pooled) == 1 and pooled[0]["per_seed"] == pytest.approx([-1 / 30, 0.0], abs=1e-9)
+    assert pooled[0]["dnll"] == pytest.approx(-1 / 60) and pooled[0]["dnll_se"] == pytest.approx(1 / 60)
