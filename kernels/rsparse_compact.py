@@ -22,9 +22,13 @@ Kernel G (GEMV), grid (out / BLOCK_N, SPLIT): each program owns an output block 
 of the channel blocks (default: one block each, as many programs as the split design's grid); it loops over their
 compacted active channels BLOCK_K at a time (a loop over active rows only, so the work per program, and the number
 of load instructions, follow the active count), gathering those W^T rows (contiguous runs of BLOCK_N outputs each).
-The programs of the first splits add U_s[n_block] @ z_s, one rank chunk each, summing the per-block z shares. SPLIT = 1: each program writes its outputs in the output dtype directly -- no atomics, no
-workspace, no ticket. SPLIT > 1: fp32 atomics into a self-zeroing workspace and a per-output-block ticket whose
-last holder casts and re-zeroes (``rsparse_gemv``'s mechanism; only SPLIT tickets per output block).
+The programs of the first splits add U_s[n_block] @ z_s, one rank chunk each, summing the per-block z shares.
+SPLIT = 1: each program writes its outputs in the output dtype directly -- no atomics, no workspace, no ticket.
+SPLIT > 1: fp32 atomics into a self-zeroing workspace and a per-output-block ticket whose last holder casts and
+re-zeroes (``rsparse_gemv``'s mechanism; SPLIT tickets per output block, none device-wide).
+
+Registers and load widths of every configuration on sm_90 are checked without a GPU by
+``scripts/kernel_resources.py`` (Triton's compiler and ptxas): no spills, 16-byte vector loads of the weight rows.
 
 Launches: 2, for one projection or a fused group of up to three, with or without low-rank terms; TEAL's single-mask
 fusion in one launch stays with ``rsparse_gemv`` (``fuse_shared_inputs``). Every scratch buffer is rewritten before it
