@@ -279,6 +279,23 @@ def bench_sweep(be: Backend, shapes, copies, dtype) -> dict:
     return {"rows": rows}
 
 
+def time_variants(be: Backend, fns: dict, what: str) -> dict:
+    """Microseconds per call of each variant (a list of callables, rotated); None where one fails."""
+    us = {}
+    for name, fl in fns.items():
+        try:
+            us[name] = be.time_us(rotating(fl))[0]
+        except Exception as e:  # noqa: BLE001 -- one broken variant must not hide the others
+            us[name] = None
+            log(f"  {what} {name}: FAILED {type(e).__name__}: {e}")
+    return us
+
+
+def speedups(us: dict) -> str:
+    d = us.get("dense")
+    return " ".join(f"{k} {v:.1f} us" + (f" ({d / v:.2f}x)" if d and k != "dense" else "") for k, v in us.items() if v)
+
+
 # ---------------------------------------------------------------- 2b. fused
 def bench_fused(be: Backend, hidden, groups, s, alpha, copies, dtype) -> dict:
     """Projections that read one input, at batch 1: dense (one F.linear over the concatenated W, as HF's fused
@@ -329,18 +346,11 @@ def bench_fused(be: Backend, hidden, groups, s, alpha, copies, dtype) -> dict:
         fns = {"dense": lambda c: F.linear(x, c["w"]), "rsparse_per_layer": per_layer,
                "rsparse_per_layer_compact": lambda c: per_layer(c, COMPACT), "rsparse_fused": seg,
                "rsparse_fused_tuned": lambda c: seg(c, tuned)}
-        row = {"group": gname, "outs": outs, "ranks": c0["ranks"], "us": {}, "err": err, "tuned": tuned}
-        for name, fn in fns.items():
-            try:
-                row["us"][name] = be.time_us(rotating([lambda c=c, fn=fn: fn(c) for c in copies_]))[0]
-            except Exception as e:  # noqa: BLE001
-                row["us"][name] = None
-                log(f"  fused {gname} {name}: FAILED {type(e).__name__}: {e}")
-        d = row["us"]["dense"]
-        log(f"fused {gname} {outs} <- {hidden} s={s} alpha={alpha} ranks {c0['ranks']}: "
-            + " ".join(f"{k} {v:.1f} us" + (f" ({d / v:.2f}x)" if d and v and k != "dense" else "")
-                       for k, v in row["us"].items() if v) + f"; tuned {tuned}")
-        rows.append(row)
+        us = time_variants(be, {name: [lambda c=c, fn=fn: fn(c) for c in copies_] for name, fn in fns.items()},
+                           f"fused {gname}")
+        rows.append({"group": gname, "outs": outs, "ranks": c0["ranks"], "us": us, "err": err, "tuned": tuned})
+        log(f"fused {gname} {outs} <- {hidden} s={s} alpha={alpha} ranks {c0['ranks']}: {speedups(us)}; "
+            f"tuned {tuned}")
     return {"rows": rows}
 
 
@@ -361,16 +371,9 @@ def bench_batch(be: Backend, shape, batches, copies, dtype) -> dict:
                "teal": [lambda L=L, t=t: be.sparse(x, L["wt"], None, t) for L, t in zip(layers, tt)],
                "rsparse": [lambda L=L, t=t: be.sparse(x, L["wt"], L["scale"], t, L["u"], L["vs"])
                            for L, t in zip(layers, tr)]}
-        for name, fl in fns.items():
-            try:
-                row["us"][name] = be.time_us(rotating(fl))[0]
-            except Exception as e:  # noqa: BLE001
-                row["us"][name] = None
-                log(f"  batch {b} {name}: FAILED {type(e).__name__}: {e}")
-        d = row["us"]["dense"]
+        row["us"] = time_variants(be, fns, f"batch {b}")
         log(f"batch {b} rows {out_f}x{in_f} s=0.5 (union of kept channels {row['union_active_rsparse']:.2f}): "
-            + " ".join(f"{k} {v:.1f} us" + (f" ({d / v:.2f}x)" if d and v and k != "dense" else "")
-                       for k, v in row["us"].items() if v))
+            + speedups(row["us"]))
         rows.append(row)
     return {"rows": rows}
 
