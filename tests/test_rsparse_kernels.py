@@ -566,7 +566,7 @@ def test_compiled_decode_path_traces_the_kernel_whole():
     """llmx.sparse.evaluate.greedy_generate's served path: static KV cache, the decode step compiled with
     fullgraph=True (one custom operator per sparse layer, no graph break, each with its tuned tile), the same tokens
     as eager decoding.
-    On CUDA the same call uses inductor with CUDA graphs (scripts/bench_rsparse_kernels.py --sections e2e)."""
+    On CUDA the same call uses inductor with CUDA graphs (scripts/bench_rsparse_kernels.py --sections hf)."""
     from llmx.sparse.evaluate import greedy_generate
 
     model, layers = sparse_tiny_llama(0.7)
@@ -667,3 +667,22 @@ def test_bf16_layers_choose_the_same_channels_on_both_paths():
         assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 2e-2, name
         ref = rs.rsparse_reference(x.float(), layer.weight_t, layer.scale, layer.threshold, layer.u, layer.svt)
         assert rel_err(got, ref) < 1e-2, name
+
+
+def test_the_device_checks_benchmark_runs_its_sections_on_cpu(tmp_path):
+    """scripts/bench_rsparse_kernels.py --smoke on CPU (the PyTorch reference in place of the kernels): every section
+    the device check runs gets through its Python -- a crash there would only show up on a lent GPU's scarce time."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "scripts/bench_rsparse_kernels.py", "--device", "cpu", "--smoke",
+                           "--sections", "layer,fused,batch,hf", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "rsparse_kernels_smoke_cpu.json").read_text())
+    assert not res["errors"] and {"layer", "fused", "batch", "hf"} <= set(res)
+    assert set(res["hf"]["variants"]) == {"dense", "teal", "rsparse", "rsparse_fused"}
+    assert all(r["us"]["rsparse_fused"] for r in res["fused"]["rows"])
