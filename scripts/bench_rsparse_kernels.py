@@ -153,9 +153,9 @@ def make_copies(out_f, in_f, s, alpha, copies, device, dtype, gen):
 
 
 # ---------------------------------------------------------------- 1. layer
-def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
+def bench_layer(be: Backend, shapes, sparsities, copies, dtype, rows: list, save=lambda: None) -> dict:
+    """Fills ``rows`` (one per shape and sparsity) and calls ``save`` after each: a timeout keeps the rows done."""
     gen = torch.Generator(device=be.device).manual_seed(0)
-    rows = []
     for out_f, in_f in shapes:
         for s in sparsities:
             layers, keep_rs, rank = make_copies(out_f, in_f, s, 0.9, copies, be.device, dtype, gen)
@@ -178,7 +178,7 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
                                                                config=COMPACT)),
             }
             L0 = layers[0]
-            if be.cuda:  # the tile tune_config picks for this shape and kept fraction (what decode_layout uses)
+            if be.cuda and s < 0.99:  # the tile tune_config picks for this shape and kept fraction (decode_layout's)
                 tuned = {"teal": rs.tune_config(x, L0["wt"], None, L0["t_teal"]),
                          "rsparse": rs.tune_config(x, L0["wt"], L0["scale"], L0["t_rs"], L0["u"], L0["vs"])}
                 variants["teal_tuned"] = lambda L: (lambda: be.sparse(x, L["wt"], None, L["t_teal"],
@@ -190,7 +190,7 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
             row = {"out": out_f, "in": in_f, "s": s, "rank": rank, "keep_rsparse": keep_rs, "keep_teal": keep_teal,
                    "active_rsparse": float((x.float().abs() * L0["scale"] > L0["t_rs"]).float().mean()),
                    "active_teal": float((x.float().abs() > L0["t_teal"]).float().mean()),
-                   "us": {}, "err": {}, "timer": {}, "tuned": tuned if be.cuda else None}
+                   "us": {}, "err": {}, "timer": {}, "tuned": tuned if "teal_tuned" in variants else None}
             for name, make in variants.items():
                 try:
                     if name != "dense":
@@ -208,6 +208,7 @@ def bench_layer(be: Backend, shapes, sparsities, copies, dtype) -> dict:
                 row["dense_TBps"] = bytes_w / (row["us"]["dense"] * 1e-6) / 1e12
             rows.append(row)
             log_row(row)
+            save()
             del layers
     return {"rows": rows}
 
@@ -600,7 +601,7 @@ class RandomFactors:
         return u.to(weight.dtype), svt.to(weight.dtype)
 
 
-def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
+def bench_hf(be, cfg, new_tokens, s, alpha, dtype, res: dict, save=lambda: None) -> dict:
     """5. hf: the product path end to end. An HF LlamaForCausalLM (random weights) decodes greedily through
     llmx.sparse.evaluate.decode_speed -- static KV cache, the step compiled whole (CUDA graphs on CUDA) -- dense,
     then with every projection TEAL (uniform s) and R-Sparse (uniform s, alpha) through llmx.sparse.apply_plan and
@@ -626,10 +627,10 @@ def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
     calib = calibrate(model, [torch.randint(0, cfg["vocab"], (1, 128), generator=g) for _ in range(2)])
     prompt = torch.randint(0, cfg["vocab"], (1, 32), generator=g)
     shapes = layer_shapes(model)
-    res = {"config": {**cfg, "dtype": str(dtype), "new_tokens": new_tokens, "sparsity": s, "alpha": alpha},
-           "variants": {}}
-    for name, a, fuse in (("dense", None, False), ("teal", 1.0, True), ("rsparse", alpha, False),
-                          ("rsparse_fused", alpha, True)):
+    res.update(config={**cfg, "dtype": str(dtype), "new_tokens": new_tokens, "sparsity": s, "alpha": alpha},
+               variants={})  # filled in place and saved after each variant: a timeout keeps the variants done
+    for name, a, fuse in (("dense", None, False), ("teal", 1.0, True), ("rsparse_fused", alpha, True),
+                          ("rsparse", alpha, False)):
         layers = {}
         if a is not None:
             layers = apply_plan(model, calib, uniform_plan(shapes, s, a), token_mode="decode", svd=RandomFactors())
@@ -642,6 +643,7 @@ def bench_hf(be, cfg, new_tokens, s, alpha, dtype) -> dict:
         r.pop("tokens")
         r.update(kernel=any(layer.kernel for layer in layers.values()), seconds_with_warmup=time.perf_counter() - t0)
         res["variants"][name] = r
+        save()
         log(f"hf {name}: {r['tokens_per_s']:.1f} tok/s (compiled {r['compiled']}, kernel {r['kernel']})")
         remove_sparsity(model)
     dense = res["variants"]["dense"]["tokens_per_s"]
@@ -699,12 +701,17 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ("rsparse_kernels" + ("_smoke" if args.smoke else "") + f"_{args.device}.json")
     t_start = time.perf_counter()
+
+    def save():
+        path.write_text(json.dumps(results, indent=2, default=str))
+
     for sec in sections:
         t0 = time.perf_counter()
         log(f"\n=== {sec}")
         try:
             if sec == "layer":
-                results[sec] = bench_layer(be, shapes, (0.5, 0.7, 0.99), args.copies, dtype)  # 0.99: the fixed cost
+                results[sec] = {"rows": []}  # s = 0.99: the fixed cost
+                bench_layer(be, shapes, (0.5, 0.7, 0.99), args.copies, dtype, results[sec]["rows"], save)
                 print_table(results[sec]["rows"], f"per-layer, batch 1, {str(dtype)[6:]}, {env.get('gpu', 'cpu')} "
                             f"(timer: {results[sec]['rows'][0]['timer'].get('dense', '?')}); x = speed-up vs dense")
             elif sec == "sweep":
@@ -716,7 +723,8 @@ def main() -> int:
             elif sec == "batch":
                 results[sec] = bench_batch(be, shapes[0], (4, 8), args.copies, dtype)
             elif sec == "hf":
-                results[sec] = bench_hf(be, hf_cfg, 8 if args.smoke else args.hf_tokens, 0.5, 0.95, dtype)
+                results[sec] = {}
+                bench_hf(be, hf_cfg, 8 if args.smoke else args.hf_tokens, 0.5, 0.95, dtype, results[sec], save)
             elif sec == "decode":
                 variants = [v.strip() for v in args.decode_variants.split(",")]
                 results[sec] = bench_decode(be, decode_cfg, steps, 0.5, 0.9, variants, dtype)
@@ -729,7 +737,7 @@ def main() -> int:
         log(f"=== {sec}: {time.perf_counter() - t0:.1f} s")
         if be.cuda:
             torch.cuda.empty_cache()
-        path.write_text(json.dumps(results, indent=2, default=str))  # after every section: a timeout keeps the rest
+        save()  # after every section (and within layer and hf, after every row): a timeout keeps what is done
     log(f"\nwrote {path} ({time.perf_counter() - t_start:.1f} s); errors: {results['errors'] or 'none'}")
     return 1 if results["errors"] else 0
 
