@@ -31,7 +31,8 @@ layer's W becomes a view of it -- so a decoded token reads only its active chann
 decode step of batch 1..16) then run the fused Triton kernel (`llmx.kernels.rsparse_gemv`: mask, exact columns and
 low-rank term, no host sync, CUDA-graph capturable) on CUDA; `fuse_shared_inputs` then decodes q/k/v and gate/up as
 one call each (TEAL: one shared mask; R-Sparse: one segment per projection, each with its own mask and low-rank term).
-On CPU a single row uses embedding_bag over the active rows, and the plain PyTorch math below is the kernel's oracle. Prompts (many tokens) multiply the masked input by W.
+On CPU a single row uses embedding_bag over the active rows, and the plain PyTorch math below is the kernel's
+oracle. Prompts (many tokens) multiply the masked input by W.
 Both compare |x| * scale in fp32 (scale, the column norms, is kept in fp32), so the kernel and the PyTorch path
 choose the same channels in any compute dtype.
 """
@@ -381,9 +382,7 @@ def rsparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Ten
                     u: Optional[torch.Tensor], vs: Optional[torch.Tensor], tile: Optional[List[int]] = None) -> torch.Tensor:
     """The fused kernel as one PyTorch operator: torch.compile traces the layer through it without a graph break
     (the kernel's launch logic stays in Python) and CUDA graphs capture it. tile: ``rsparse_gemv.tile_of``'s ints."""
-    from llmx.kernels.rsparse_gemv import rsparse_gemv  # at call time: tests reload the kernel module
-
-    from llmx.kernels.rsparse_gemv import config_of
+    from llmx.kernels.rsparse_gemv import config_of, rsparse_gemv  # at call time: tests reload the kernel module
 
     return rsparse_gemv(x, wt, scale, threshold, u, vs, config=None if tile is None else config_of(tile))
 
