@@ -379,7 +379,8 @@ class RSparseLinear(nn.Module):
 
 @torch.library.custom_op("llmx::rsparse_gemv", mutates_args=())
 def rsparse_gemv_op(x: torch.Tensor, wt: torch.Tensor, scale: Optional[torch.Tensor], threshold: float,
-                    u: Optional[torch.Tensor], vs: Optional[torch.Tensor], tile: Optional[List[int]] = None) -> torch.Tensor:
+                    u: Optional[torch.Tensor], vs: Optional[torch.Tensor],
+                    tile: Optional[List[int]] = None) -> torch.Tensor:
     """The fused kernel as one PyTorch operator: torch.compile traces the layer through it without a graph break
     (the kernel's launch logic stays in Python) and CUDA graphs capture it. tile: ``rsparse_gemv.tile_of``'s ints."""
     from llmx.kernels.rsparse_gemv import config_of, rsparse_gemv  # at call time: tests reload the kernel module
