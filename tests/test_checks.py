@@ -72,7 +72,8 @@ def test_cli_refuses_before_any_run_directory_and_derives_the_micro_batch(tmp_pa
     ("sweet_rl_tiny", "rl.methods=[]", "rl.methods is empty; valid methods: zero_shot"),
     ("natural_reasoning_smollm2", "synth.uses=[foo]", "unknown; valid: distill, rft, dpo"),
     ("rsparse_smollm2", "sparsify.levels=[0.5,1.2]", "sparsify.levels=[0.5, 1.2]: each must be a model-level"),
-    ("teal_smollm2", "sparsify.allocation=search", "allocation=search is R-Sparse's; TEAL uses allocation=greedy"),
+    ("teal_smollm2", "sparsify.allocation=search sparsify.search.mode=alpha",
+     "sparsify.search.mode=alpha searches R-Sparse's alphas; TEAL (alpha = 1) has none"),
     ("rsparse_smollm2", "sparsify.search.population=1", "sparsify.search.population=1: must be an integer >= 2"),
     ("rsparse_smollm2", "sparsify.match_tolerance=0.1", "sparsify.match_tolerance=0.1: must be in (0, 0.05)"),
     ("rsparse_smollm2", "sparsify.alpha=1.5", "sparsify.alpha=1.5: must be a share of the budget in [0, 1]"),
@@ -86,7 +87,7 @@ def test_each_kind_refuses_its_bad_values_before_work(recipe, override, message)
     from llmx.launch import check_before_run
     from llmx.utils import LlmxError
 
-    cfg = compose([f"recipe={recipe}", override])
+    cfg = compose([f"recipe={recipe}", *override.split()])
     with pytest.raises(LlmxError) as err:
         check_before_run(cfg)
     assert message in str(err.value)

@@ -409,6 +409,14 @@ def test_sparsify_recipes_on_smollm2_share_the_greedy_paths(tmp_path, llmx_cache
     assert rows[1]["low_rank_layers"] == sum(e["rank"] > 0 for e in layers)
     assert "tokens sparsified: all" in (run / "results.md").read_text()
     assert "rsparse 50%" in rs.stdout
+    # The control for the search: TEAL's s searched by the same search (alpha = 1: no low-rank term anywhere).
+    run_llmx(["run", "recipe=teal_smollm2", *common, "sparsify.allocation=search", "sparsify.search.init_greedy=true",
+              "sparsify.search.population=2", "sparsify.search.generations=1"],
+             cwd=tmp_path, env=env, check=True, timeout=900)
+    teal_rows = json.loads((max((tmp_path / "teal_smollm2").iterdir()) / "results.json").read_text())
+    assert teal_rows[1]["mean_alpha"] == 1.0 and teal_rows[1]["low_rank_layers"] == 0
+    methods = {json.loads(f.read_text())["key"]["method"] for f in (tmp_path / "cache" / "rsparse_search").glob("*")}
+    assert methods == {"rsparse", "teal"}
 
 
 def test_rsparse_table_pairs_runs_by_allocation(tmp_path):

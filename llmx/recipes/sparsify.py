@@ -9,7 +9,9 @@ Feature -> config flag:
     method (rsparse | teal | dense | sharp)  sparsify.method (sharp: llmx/recipes/sharp.py, sparsify.sharp.*)
     model-level sparsities to evaluate       sparsify.levels=[0.4,0.5,0.7]
     per-layer allocation                     sparsify.allocation=uniform|greedy|search, sparsify.alpha
-                                             (greedy: TEAL's s per layer; rsparse adds sparsify.alpha to it)
+                                             (greedy: TEAL's s per layer; rsparse adds sparsify.alpha to it;
+                                             search with method=teal: the same search over s alone, alpha = 1)
+    what the search varies (rsparse)         sparsify.search.mode=s_alpha|alpha (alpha: s fixed, alphas searched)
     compare at the sparsity achieved         sparsify.match_sparsity=true (one threshold scale, set on
                                              sparsify.match_sequences unscored validation windows)
     which tokens are sparse                  sparsify.token_mode=all|decode|last_fraction, sparsify.token_fraction
@@ -58,8 +60,9 @@ def check_config(cfg) -> None:
     bad = [x for x in sp.levels if not 0.0 < float(x) < 1.0]
     if not sp.levels or bad:
         raise LlmxError(f"sparsify.levels={list(sp.levels)}: each must be a model-level sparsity in (0, 1)")
-    if method == "teal" and allocation == "search":
-        raise LlmxError("sparsify.allocation=search is R-Sparse's; TEAL uses allocation=greedy or uniform")
+    if method == "teal" and allocation == "search" and sp.search.mode == "alpha":
+        raise LlmxError("sparsify.search.mode=alpha searches R-Sparse's alphas; TEAL (alpha = 1) has none: use "
+                        "search.mode=s_alpha (TEAL's s searched, the control for R-Sparse's search)")
     if sp.search.mode not in ("s_alpha", "alpha"):
         raise LlmxError(f"sparsify.search.mode={sp.search.mode!r}; valid: s_alpha (per-module s and alpha), alpha "
                         "(s fixed at the target, or at TEAL's greedy s with search.init_greedy; alphas searched)")
@@ -265,12 +268,14 @@ def _searched_plan(cfg, model, calib, batches, shapes, level, svd, eval_mode):
            "level": level, "population": sp.search.population, "generations": sp.search.generations,
            "seed": sp.search.seed, "targets": list(sp.targets), "token_mode": eval_mode,
            "token_fraction": sp.token_fraction, "calib_max_values": sp.calib_max_values, "version": 4,
-           "init": plan_to_json(init) if init else None, "mode": sp.search.mode}
+           "init": plan_to_json(init) if init else None, "mode": sp.search.mode, "method": sp.method}
 
     def run():
         plan, history = evolutionary_search(model, calib, batches, level, population=sp.search.population,
                                             generations=sp.search.generations, seed=sp.search.seed, svd=svd,
                                             init=init, fixed_s=sp.search.mode == "alpha",
+                                            # TEAL: the same search over s alone (alpha = 1: no low-rank term)
+                                            alpha_choices=(1.0,) if sp.method == "teal" else None,
                                             token_mode=eval_mode, token_fraction=sp.token_fraction,
                                             log=lambda m: print(f"search {level:.0%}: {m}", flush=True))
         return {"plan": plan_to_json(plan), "history": history}
