@@ -4,6 +4,9 @@ against TEAL in pairs fixed in advance (PAIRS), as paired differences of mean NL
 
     python scripts/rsparse_table.py RUN_DIR... [--out table.md] [--json table.json]
 
+Searched runs carry their seed in the label; two searches (R-Sparse's against TEAL's s-only search) pair seed k
+with seed k, and pairs that differ only in the seed are pooled (mean ± s.e. across seeds).
+
 Each RUN_DIR is an `llmx run` of the sparsify kind (results.json and config.yaml). Runs of one model must share
 their evaluation windows (the same data, eval_sequences and token mode): the script checks that their dense
 baselines agree. Nothing is selected on the evaluation text: every run is a row, and the pairs are set by allocation.
@@ -30,13 +33,15 @@ def load(run: Path) -> dict:
         label += f" (alpha {sp['alpha']:g})"
     if sp["allocation"] == "search":
         seeded = " from greedy" if sp["search"].get("init_greedy") else ""
-        label += f" ({sp['search'].get('mode', 's_alpha')}{seeded}, seed {sp['search'].get('seed', 0)})"
+        mode = "s" if sp["method"] == "teal" else sp["search"].get("mode", "s_alpha")  # TEAL's search: s alone
+        label += f" ({mode}{seeded}, seed {sp['search'].get('seed', 0)})"
     return {"run": str(run), "model": cfg["model"]["name"], "label": label, "method": sp["method"],
             "matched": bool(sp.get("match_sparsity")), "token_mode": sp["token_mode"], "rows": rows}
 
 
 # (R-Sparse label prefix, TEAL label prefix, what the pair isolates), fixed before looking at any result.
 PAIRS = [("rsparse search", "teal greedy", "each paper's own allocation"),
+         ("rsparse search", "teal search", "the same search with and without the low-rank term (equal seeds)"),
          ("rsparse greedy", "teal greedy", "the same per-layer s: what the low-rank term adds"),
          ("rsparse uniform", "teal uniform", "uniform s")]
 
@@ -78,6 +83,8 @@ def model_table(runs: list) -> tuple:
             ts = [(lab, row) for lab, (m, row) in by_level[lv].items() if lab.startswith(t_prefix)]
             for (rl, rr) in rs:
                 for (tl, tr) in ts:
+                    if "seed " in tl and rl.rsplit("seed ", 1)[-1] != tl.rsplit("seed ", 1)[-1]:
+                        continue  # two searches: seed k against seed k
                     entry = {"level": lv, "rsparse": rl, "teal": tl, "what": what, "ppl_ratio": rr["ppl"] / tr["ppl"],
                              "achieved": [rr["achieved"], tr["achieved"]]}
                     if rr.get("nll_rows") and tr.get("nll_rows"):
@@ -107,7 +114,8 @@ def over_seeds(summary: list) -> list:
     groups: dict = {}
     for e in summary:
         if "seed " in e["rsparse"] and "dnll" in e:
-            groups.setdefault((e["level"], e["rsparse"].rsplit(", seed", 1)[0] + ")", e["teal"]), []).append(e)
+            unseeded = [lab.rsplit(", seed", 1)[0] + ")" if "seed " in lab else lab for lab in (e["rsparse"], e["teal"])]
+            groups.setdefault((e["level"], *unseeded), []).append(e)
     out = []
     for (level, search, teal), es in groups.items():
         if len(es) < 2:

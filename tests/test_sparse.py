@@ -462,3 +462,14 @@ def test_rsparse_table_pairs_runs_by_allocation(tmp_path):
     pooled = [e for e in json.loads((tmp_path / "t.json").read_text())["m1"] if e["what"] == "over seeds"]
     assert len(pooled) == 1 and pooled[0]["per_seed"] == pytest.approx([-1 / 30, 0.0], abs=1e-9)
     assert pooled[0]["dnll"] == pytest.approx(-1 / 60) and pooled[0]["dnll_se"] == pytest.approx(1 / 60)
+    # TEAL's own search (s alone) as the control: seed k against seed k only, then pooled
+    dirs += [run("t0", "teal", "search", [2.3, 2.5, 2.5], seed=0), run("t1", "teal", "search", [2.5, 2.5, 2.5],
+                                                                         seed=1)]
+    subprocess.run([sys.executable, str(script), *map(str, dirs), "--json", str(tmp_path / "t.json")],
+                   capture_output=True, text=True, check=True)
+    entries = json.loads((tmp_path / "t.json").read_text())["m1"]
+    vs_search = [e for e in entries if e["teal"].startswith("teal search") and e["what"] != "over seeds"]
+    assert sorted((e["rsparse"][-7:], e["teal"][-7:]) for e in vs_search) == [("seed 0)", "seed 0)"),
+                                                                              ("seed 1)", "seed 1)")]
+    (control,) = [e for e in entries if e["what"] == "over seeds" and e["teal"].startswith("teal search")]
+    assert control["teal"] == "teal search (s from greedy)" and control["dnll"] == pytest.approx(1 / 30 / 2)
