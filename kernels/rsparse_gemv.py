@@ -586,7 +586,6 @@ def rsparse_gemv(x, wt, scale, threshold, u=None, vs=None, *, out=None, reductio
 # ----------------------------------------------------------------------------------------------------
 
 _TUNED: dict = {}
-_DESIGNS = ("split", "compact")
 
 
 def tile_of(config: dict) -> list:
