@@ -270,7 +270,7 @@ def compact_candidates(n: int) -> list:
     (at most 8K weights) x 4, 16 or all channel blocks' splits (all: one block per program, the split design's
     parallelism; 4: a loop over many blocks per program, fewer atomics): 24 tiles, so tuning stays within seconds."""
     if _INTERPRET:
-        return [dict(design="compact", block_p=16, block_k=8, block_n=16, split=sp, num_warps=1) for sp in (1, 3)]
+        return [dict(design="compact", block_p=16, block_k=8, block_n=16, split=3, num_warps=1)]
     return [dict(design="compact", block_p=128, block_k=bk, block_n=bn, split=sp, num_warps=4)
             for bn in (32, 64, 128) for bk in (32, 64, 128) for sp in (4, 16, 1 << 20) if bk * bn <= 8192]
 

@@ -631,8 +631,9 @@ def test_rsparse_q_k_v_and_gate_up_fuse_as_segments():
     qkv = [layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv"]
     expected = [m(x) for m in qkv]
     prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    unfused = greedy_generate(model, prompt, 3, compiled=False)
-    assert fuse_shared_inputs(model, tune=True) == 4
+    unfused = greedy_generate(model, prompt, 2, compiled=False)
+    assert fuse_shared_inputs(model, tune=False) == 4
+    q.group.tune()  # one group's tile by timing (the interpreter's candidates: a test of the mechanism)
     assert q.group.tile is not None and rs.config_of(q.group.tile)["design"] == "compact"
     assert q.u.data_ptr() == q.group.u.data_ptr() and q.svt.data_ptr() == q.group.vst.data_ptr()
     calls = []
@@ -645,8 +646,8 @@ def test_rsparse_q_k_v_and_gate_up_fuse_as_segments():
     assert calls == [[64, 32, 32]]  # one call for q, k and v
     for g, e in zip(got, expected):
         assert rel_err(g, e) < 1e-5
-    assert torch.equal(greedy_generate(model, prompt, 3, compiled=False), unfused)
-    assert torch.equal(greedy_generate(model, prompt, 3, compiled=True, backend="aot_eager"), unfused)
+    assert torch.equal(greedy_generate(model, prompt, 2, compiled=False), unfused)
+    assert torch.equal(greedy_generate(model, prompt, 2, compiled=True, backend="aot_eager"), unfused)
     for layer in qkv:  # sparsity matching scales thresholds after fusing: the group reads them at every call
         layer.threshold *= 1.5
     assert rel_err(q(x), rs.rsparse_reference(x, q.weight_t, q.scale, q.threshold, q.u, q.svt)) < 1e-5
