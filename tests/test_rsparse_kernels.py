@@ -382,6 +382,7 @@ def test_compact_rejects_bad_segments():
         rs.rsparse_gemv(x, wt, None, 0.1, config={"design": "tree"})
 
 
+@pytest.mark.slow  # a subprocess compiling 14 kernels (10-20 s): in the full suite, not in test-fast
 def test_kernels_compile_for_h100_without_spilling(tmp_path):
     """Both designs' heuristic configurations (TEAL and R-Sparse, 1 and 8 rows) through Triton's real compiler and
     ptxas to an sm_90 cubin, no GPU needed: what the interpreter cannot check. None may spill registers to the
@@ -670,6 +671,7 @@ def test_bf16_layers_choose_the_same_channels_on_both_paths():
         assert rel_err(got, ref) < 1e-2, name
 
 
+@pytest.mark.slow  # a subprocess (5-11 s): in the full suite, not in test-fast
 def test_the_device_checks_benchmark_runs_its_sections_on_cpu(tmp_path):
     """scripts/bench_rsparse_kernels.py --smoke on CPU (the PyTorch reference in place of the kernels): every section
     the device check runs gets through its Python -- a crash there would only show up on a lent GPU's scarce time."""
